@@ -105,15 +105,17 @@ def ensure_environment(venv: Path) -> Path:
     return interpreter
 
 
-def python_info(python: Path) -> dict[str, str]:
-    code = (
-        "import json, sys, sysconfig\n"
-        "info = {'python': sys.version.split()[0], 'prefix': sys.prefix}\n"
-        "try:\n    import torch\n    info['torch'] = torch.__version__\nexcept ImportError:\n    info['torch'] = ''\n"
-        "print(json.dumps(info))"
+def python_info(python: Path, *, with_torch: bool = False) -> dict[str, str]:
+    """Version and prefix of the environment's interpreter (and its torch version: slow, imports torch)."""
+    code = "import json, sys\ninfo = {'python': sys.version.split()[0], 'prefix': sys.prefix}\n"
+    if with_torch:
+        code += "import torch\ninfo['torch'] = torch.__version__\n"
+    out = subprocess.run(
+        [str(python), "-c", code + "print(json.dumps(info))"], capture_output=True, text=True
     )
-    out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=True).stdout
-    return json.loads(out)
+    if out.returncode != 0:
+        raise BuildError(f"{python} cannot report its versions:\n{out.stderr.strip()}")
+    return json.loads(out.stdout)
 
 
 class Stamp:
@@ -152,14 +154,16 @@ def install_requirements(python: Path, stamp: Stamp, extra: list[str]) -> None:
     stamp.record("requirements", want)
 
 
-def build_upstream(python: Path, stamp: Stamp, project: patches.Project, name: str, env: dict[str, str]) -> None:
+def build_upstream(
+    python: Path, stamp: Stamp, project: patches.Project, name: str, env: dict[str, str], torch_version: str
+) -> None:
     repo = project.submodule(name)
     head = patches.git_out(repo, "rev-parse", "HEAD")
     want = {
         "pin": project.pin(name),
         "series": project.series(name).digest(),
         "head": head,
-        "torch": python_info(python)["torch"],
+        "torch": torch_version,
         "cuda": env.get("FORCE_CUDA", ""),
         "arch": env.get("TORCH_CUDA_ARCH_LIST", ""),
     }
@@ -169,7 +173,9 @@ def build_upstream(python: Path, stamp: Stamp, project: patches.Project, name: s
     started = time.monotonic()
     # -e + --no-build-isolation: the extension compiles against the environment's torch, and the Python
     # sources stay in external/<name>, so edits to a patched tree are live.
-    pip(python, "install", "--quiet", "--no-build-isolation", "-c", str(CONSTRAINTS), "-e", str(repo), env=env)
+    pip(
+        python, "install", "--quiet", "--no-build-isolation", "-c", str(CONSTRAINTS), "-e", str(repo), env=env
+    )
     stamp.record(name, want)
     log(f"{name}: built in {time.monotonic() - started:.0f} s")
 
@@ -197,8 +203,9 @@ def build(venv: Path = DEFAULT_VENV, force_patches: bool = False) -> Path:
     for var in ("FORCE_CUDA", "TORCH_CUDA_ARCH_LIST", "CC", "CXX"):
         if var in os.environ:
             env[var] = os.environ[var]
+    torch_version = python_info(interpreter, with_torch=True)["torch"]
     for name in UPSTREAMS:
-        build_upstream(interpreter, stamp, project, name, env)
+        build_upstream(interpreter, stamp, project, name, env, torch_version)
     install_self(interpreter, stamp)
     log(f"environment ready: {interpreter} ({time.monotonic() - started:.1f} s)")
     return interpreter

@@ -89,7 +89,9 @@ def git(
         ["git", *args], cwd=repo, env=full_env, text=True, capture_output=True, encoding="utf-8"
     )
     if check and proc.returncode != 0:
-        raise PatchError(f"git {' '.join(args)} failed in {repo}:\n{proc.stderr.strip() or proc.stdout.strip()}")
+        raise PatchError(
+            f"git {' '.join(args)} failed in {repo}:\n{proc.stderr.strip() or proc.stdout.strip()}"
+        )
     return proc
 
 
@@ -210,7 +212,11 @@ def tracked_changes(repo: Path) -> list[str]:
 
 def operation_in_progress(repo: Path) -> str | None:
     gd = git_dir(repo)
-    for marker, what in (("rebase-apply", "git am / rebase"), ("rebase-merge", "rebase"), ("MERGE_HEAD", "merge")):
+    for marker, what in (
+        ("rebase-apply", "git am / rebase"),
+        ("rebase-merge", "rebase"),
+        ("MERGE_HEAD", "merge"),
+    ):
         if (gd / marker).exists():
             return what
     return None
@@ -249,6 +255,23 @@ def _am_one(repo: Path, patch: Path, three_way: bool) -> subprocess.CompletedPro
     )
 
 
+def _check_pin_is_upstream(repo: Path, name: str, pin: str, stamp: dict | None) -> None:
+    """Catch the classic mistake: `git add -A` / `commit -a` after a build stages the *patched* HEAD as the pin.
+
+    Such a commit exists only on this machine, so every other clone would fail to check out the submodule.
+    """
+    committer = git_out(repo, "log", "-1", "--format=%cn", pin)
+    applied = stamp is not None and pin == stamp.get("head") and stamp.get("head") != stamp.get("upstream")
+    if committer == COMMITTER_ENV["GIT_COMMITTER_NAME"] or applied:
+        upstream = (stamp or {}).get("upstream") or git_out(repo, "rev-parse", f"{UPSTREAM_REF}", check=False)
+        raise PatchError(
+            f"the superproject pins external/{name} at {pin[:12]}, a commit made by applying the patch series "
+            f"(staged by `git add -A` or `git commit -a` after a build?). It exists only here. Put the upstream "
+            f"pin back: `git update-index --cacheinfo 160000,{upstream or '<upstream commit>'},external/{name}` "
+            f"(and amend the commit that recorded it)."
+        )
+
+
 def _check_safe_to_reset(repo: Path, name: str, pin: str, stamp: dict | None, force: bool) -> None:
     """Refuse to move a submodule that carries work the series does not contain, unless forced.
 
@@ -267,7 +290,9 @@ def _check_safe_to_reset(repo: Path, name: str, pin: str, stamp: dict | None, fo
     known = {pin} | ({stamp.get("head"), stamp.get("pin"), stamp.get("upstream")} if stamp else set())
     ours = head in known
     upstream = stamp.get("upstream") if stamp else pin
-    foreign = [] if ours else _series_commits(repo, upstream) if upstream and rev_exists(repo, upstream) else []
+    foreign = (
+        [] if ours else _series_commits(repo, upstream) if upstream and rev_exists(repo, upstream) else []
+    )
     if not force:
         if edits:
             raise PatchError(
@@ -289,7 +314,9 @@ def _check_safe_to_reset(repo: Path, name: str, pin: str, stamp: dict | None, fo
         return
     if edits:
         git(repo, "stash", "push", "--message", f"patches apply --force backup of external/{name}")
-        print(f"external/{name}: uncommitted changes saved with `git stash` (see `git -C external/{name} stash list`)")
+        print(
+            f"external/{name}: uncommitted changes saved with `git stash` (see `git -C external/{name} stash list`)"
+        )
     if not ours:
         ref = BACKUP_REF_PREFIX + head
         git(repo, "update-ref", ref, head)
@@ -309,6 +336,7 @@ def apply_series(project: Project, name: str, force: bool = False, three_way: bo
         )
     stamp_path = git_dir(repo) / STAMP_FILE
     stamp = read_json(stamp_path)
+    _check_pin_is_upstream(repo, name, pin, stamp)
     digest = series.digest()
     head = git_out(repo, "rev-parse", "HEAD")
     if (
@@ -343,7 +371,9 @@ def apply_series(project: Project, name: str, force: bool = False, three_way: bo
                 f"`nox -s patches -- refresh {name}`, resolve, then `refresh {name} --continue`."
             )
     head = git_out(repo, "rev-parse", "HEAD")
-    write_json(stamp_path, {"pin": pin, "upstream": pin, "series": digest, "head": head, "patches": series.entries})
+    write_json(
+        stamp_path, {"pin": pin, "upstream": pin, "series": digest, "head": head, "patches": series.entries}
+    )
     print(f"external/{name}: applied {len(patches)} patch(es) on {pin[:12]} -> {head[:12]}")
     return head
 
@@ -355,7 +385,15 @@ def _format_patches(repo: Path, base: str, out_dir: Path) -> list[Path]:
     """`git format-patch` base..HEAD into out_dir with file names taken from the subjects, no numbers."""
     raw_dir = out_dir / ".raw"
     raw_dir.mkdir(parents=True)
-    git(repo, "format-patch", *FORMAT_PATCH_FLAGS, "--output-directory", str(raw_dir), f"{base}..HEAD", isolated=True)
+    git(
+        repo,
+        "format-patch",
+        *FORMAT_PATCH_FLAGS,
+        "--output-directory",
+        str(raw_dir),
+        f"{base}..HEAD",
+        isolated=True,
+    )
     result: list[Path] = []
     for raw in sorted(raw_dir.glob("*.patch")):
         stem = re.sub(r"^\d{4}-", "", raw.name)
@@ -377,7 +415,9 @@ def export_series(project: Project, name: str, quiet: bool = False) -> list[str]
     old = Series.load(series_dir, name) if (series_dir / "series").is_file() else Series(name, series_dir)
     base = git_out(repo, "rev-parse", "--verify", "--quiet", UPSTREAM_REF, check=False) or project.pin(name)
     if not rev_exists(repo, base):
-        raise PatchError(f"external/{name}: upstream base {base} is missing; run `nox -s patches -- apply {name}`")
+        raise PatchError(
+            f"external/{name}: upstream base {base} is missing; run `nox -s patches -- apply {name}`"
+        )
     if tracked_changes(repo) and not quiet:
         print(f"warning: external/{name} has uncommitted changes; only commits are exported")
     with tempfile.TemporaryDirectory() as tmp:
@@ -465,9 +505,7 @@ def lint_patch(path: Path) -> list[str]:
     trailers = dict(
         (m.group(1), m.group(2).strip()) for m in re.finditer(r"^([A-Za-z-]+): (.+)$", message, re.M)
     )
-    body = [
-        line for line in message.splitlines() if line.strip() and not re.match(r"^[A-Za-z-]+: ", line)
-    ]
+    body = [line for line in message.splitlines() if line.strip() and not re.match(r"^[A-Za-z-]+: ", line)]
     if not body:
         problems.append("has no body: say why the patch exists (what breaks without it, why not upstream)")
     for trailer in REQUIRED_TRAILERS:
@@ -485,7 +523,13 @@ def check_series(project: Project, name: str) -> list[str]:
     repo = project.submodule(name)
     pin = project.pin(name)
     if not rev_exists(repo, pin):
-        return problems + [f"external/{name}: pinned commit {pin} is missing (run `git submodule update --init`)"]
+        return problems + [
+            f"external/{name}: pinned commit {pin} is missing (run `git submodule update --init`)"
+        ]
+    try:
+        _check_pin_is_upstream(repo, name, pin, read_json(git_dir(repo) / STAMP_FILE))
+    except PatchError as exc:
+        return problems + [str(exc)]
     with tempfile.TemporaryDirectory(prefix=f"patches-check-{name}-") as tmp:
         clone = Path(tmp) / "clone"
         git(Path(tmp), "clone", "--quiet", "--shared", "--no-checkout", str(repo), str(clone))
@@ -546,7 +590,9 @@ def refresh_series(
                 if "No changes" in proc.stdout + proc.stderr or not tracked_changes(repo):
                     git(repo, "am", "--skip", env=COMMITTER_ENV, isolated=True)
                 else:
-                    raise PatchError(f"external/{name}: git am --continue failed:\n{(proc.stdout + proc.stderr).strip()}")
+                    raise PatchError(
+                        f"external/{name}: git am --continue failed:\n{(proc.stdout + proc.stderr).strip()}"
+                    )
             if git_out(repo, "rev-parse", "HEAD") == before:
                 state["dropped"].append(state["remaining"][0])
             state["remaining"] = state["remaining"][1:]
@@ -614,7 +660,9 @@ def bump(project: Project, name: str, rev: str | None, resume: bool = False) -> 
         raise PatchError("bump needs a revision: `nox -s patches -- bump <name> <rev>`")
     staged = git_out(project.root, "diff", "--cached", "--name-only")
     if staged:
-        raise PatchError(f"the superproject has staged changes ({staged.replace(chr(10), ', ')}); commit or unstage them first")
+        raise PatchError(
+            f"the superproject has staged changes ({staged.replace(chr(10), ', ')}); commit or unstage them first"
+        )
     if not rev_exists(repo, rev):
         print(f"external/{name}: fetching {rev} from origin")
         proc = git(repo, "fetch", "--quiet", "origin", rev, check=False)
@@ -634,7 +682,9 @@ def _commit_bump(project: Project, name: str, new: str, dropped: list[str]) -> N
     rel = project.relpath(name)
     old = project.pin(name)
     git(root, "update-index", "--cacheinfo", f"160000,{new},{rel}")
-    git(root, "commit", "--quiet", "-m", f"{rel}: bump to {new[:12]}\n\nPrevious pin: {old}\nNew pin: {new}\n")
+    git(
+        root, "commit", "--quiet", "-m", f"{rel}: bump to {new[:12]}\n\nPrevious pin: {old}\nNew pin: {new}\n"
+    )
     git(root, "add", "--all", "--", f"patches/{name}")
     if git_out(root, "diff", "--cached", "--name-only"):
         message = f"patches/{name}: refresh for {new[:12]}\n"
@@ -654,7 +704,9 @@ def _commit_bump(project: Project, name: str, new: str, dropped: list[str]) -> N
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="patches", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parent.parent, help="superproject root")
+    parser.add_argument(
+        "--root", type=Path, default=Path(__file__).resolve().parent.parent, help="superproject root"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("apply", help="reset each submodule to its pin and apply its series")
     p.add_argument("names", nargs="*")
@@ -693,7 +745,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for problem in problems:
                     print(f"FAIL {problem}")
                 if not problems:
-                    print(f"patches/{name}: OK ({len(project.series(name).entries)} patch(es), lint clean, export byte-identical)")
+                    print(
+                        f"patches/{name}: OK ({len(project.series(name).entries)} patch(es), lint clean, export byte-identical)"
+                    )
                 failed = failed or bool(problems)
         return 1 if failed else 0
     except PatchError as exc:
