@@ -53,7 +53,9 @@ def lint(session: nox.Session) -> None:
 def patches(session: nox.Session) -> None:
     """Patch-series tool: `nox -s patches -- apply|export|check|refresh|bump [name] [options]`."""
     if not session.posargs:
-        session.error("usage: nox -s patches -- {apply,export,check,refresh,bump} [name ...] (see patches/README.md)")
+        session.error(
+            "usage: nox -s patches -- {apply,export,check,refresh,bump} [name ...] (see patches/README.md)"
+        )
     session.run(sys.executable, str(ROOT / "tools" / "patches.py"), *session.posargs, external=True)
 
 
