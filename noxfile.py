@@ -118,3 +118,10 @@ def docker(session: nox.Session) -> None:
         env={"DOCKER_BUILDKIT": "1"},
     )
     session.log(f"built {', '.join(tags)}; run it as docker/README.md shows")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks, printed as tables: fake-quant kernels (bench/fake_quant.py); args after -- go to it."""
+    python = _build(session)
+    session.run(python, str(ROOT / "bench" / "fake_quant.py"), *session.posargs, external=True)

@@ -1,0 +1,204 @@
+"""Fake-quant speed: forward + backward time per element of every quantizer on an activation-sized tensor.
+
+Run ``python bench/fake_quant.py`` (under 15 s on 2 cores; ``--markdown`` for the README table). Rows, all measured in the same
+process on the same tensor:
+
+* ``relu`` -- ``torch.relu`` forward + backward: the memory-bound floor any element-wise op pays;
+* ``torch native`` -- ``torch._fake_quantize_learnable_per_tensor_affine`` (learnable scale, like LSQ);
+* ``lsq naive`` -- LSQ as a composition of element-wise torch ops, gradients derived by autograd;
+* ``lsq fused`` -- :func:`model_quantization.functional.lsq_fake_quant` on the default backend (the compiled
+  CPU kernel when available), and ``lsq eager`` -- the same analytic function without the kernel;
+* one row per registered quantizer as used on activations.
+
+Times are the best (``--statistic median``: the median) over round-robin repeats of ``iters``
+forward+backward calls; ``x relu`` is the ratio to the ReLU row of the same run. ``--compile`` adds a
+``torch.compile``d naive LSQ (about 15 s more for compilation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+try:
+    import model_quantization  # noqa: F401
+except ImportError:  # running from a source checkout without installing the package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model_quantization import functional as F  # noqa: E402
+from model_quantization.kernels import cpu as cpu_kernels  # noqa: E402
+from model_quantization.quantizers import QUANTIZERS  # noqa: E402
+
+DEFAULT_SHAPE = (8, 64, 64, 64)
+LSQ_TARGET_RATIO = 2.0  # fused LSQ forward+backward should cost at most twice the ReLU floor
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    name: str
+    ns_per_elem: float
+    ratio_to_relu: float
+    note: str = ""
+
+
+def _time_all(
+    steps: list[Callable[[], None]], numel: int, iters: int, repeats: int, statistic: str = "min"
+) -> list[float]:
+    """Best (or median) over ``repeats`` of the mean time of ``iters`` calls of each step, in ns/element.
+
+    Repeats go round-robin over the cases, so a burst of load from another process hits one repeat of
+    every case rather than all repeats of one; the minimum then estimates the undisturbed cost.
+    """
+    for step in steps:  # warm-up: allocator, lazy initialisation, kernel build
+        step()
+        step()
+    samples: list[list[float]] = [[] for _ in steps]
+    for _ in range(repeats):
+        for step, times in zip(steps, samples, strict=True):
+            start = time.perf_counter()
+            for _ in range(iters):
+                step()
+            times.append((time.perf_counter() - start) / iters)
+    reduce = min if statistic == "min" else statistics.median
+    return [reduce(times) / numel * 1e9 for times in samples]
+
+
+def _fwd_bwd(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grad: torch.Tensor, params=()):
+    leaf = x.detach().clone().requires_grad_(True)
+
+    def step() -> None:
+        leaf.grad = None
+        for p in params:
+            p.grad = None
+        fn(leaf).backward(grad)
+
+    return step
+
+
+def _cases(x: torch.Tensor, bits: int, with_compile: bool) -> list[tuple[str, Callable, tuple, str]]:
+    qn, qp = 2 ** (bits - 1), 2 ** (bits - 1) - 1
+    step = torch.tensor(0.05, requires_grad=True)
+    scale = torch.tensor([0.05], requires_grad=True)
+    zero_point = torch.tensor([0.0], requires_grad=True)
+    g = 1.0 / (x[0].numel() * qp) ** 0.5
+    cases = [
+        ("relu", torch.relu, (), "memory-bound floor"),
+        (
+            "torch native",
+            lambda t: torch._fake_quantize_learnable_per_tensor_affine(t, scale, zero_point, -qn, qp, g),
+            (scale, zero_point),
+            "_fake_quantize_learnable_per_tensor_affine",
+        ),
+        (
+            "lsq naive",
+            lambda t: F.lsq_fake_quant_reference(t, step, qn, qp, grad_scale=g),
+            (step,),
+            "autograd composition",
+        ),
+        ("lsq fused", lambda t: F.lsq_fake_quant(t, step, qn, qp, grad_scale=g), (step,), ""),
+    ]
+
+    def lsq_eager(t: torch.Tensor) -> torch.Tensor:
+        with F.backend("eager"):
+            return F.lsq_fake_quant(t, step, qn, qp, grad_scale=g)
+
+    cases.append(("lsq eager", lsq_eager, (step,), "analytic backward, no kernel"))
+    if with_compile:
+        compiled = torch.compile(lambda t: F.lsq_fake_quant_reference(t, step, qn, qp, grad_scale=g))
+        cases.append(("lsq torch.compile", compiled, (step,), "inductor, naive formula"))
+    for name in QUANTIZERS.names():
+        cls = QUANTIZERS.get(name)
+        signed = True in cls.signedness["activation"]
+        quantizer = cls(bits=1 if name == "binary" else bits, signed=signed, role="activation")
+        quantizer.train()
+        quantizer(x if signed else x.relu())  # data-driven initialisation outside the timed region
+        note = f"{quantizer.__class__.__name__}, {'signed' if signed else 'unsigned, input relu(x)'}"
+        cases.append((f"{name} ({quantizer.bits_label}-bit)", quantizer, tuple(quantizer.parameters()), note))
+    return cases
+
+
+def run(
+    shape: tuple[int, ...] = DEFAULT_SHAPE,
+    threads: int = 2,
+    bits: int = 4,
+    iters: int = 10,
+    repeats: int = 5,
+    with_compile: bool = False,
+    statistic: str = "min",
+) -> list[BenchRow]:
+    """Measure every row; returns them in table order. ``statistic``: "min" or "median" over repeats."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    grad = torch.randn(shape)
+    cases = _cases(x, bits, with_compile)
+    nonnegative = x.relu()
+    steps = [
+        _fwd_bwd(fn, nonnegative if "unsigned" in note else x, grad, params) for _, fn, params, note in cases
+    ]
+    times = _time_all(steps, x.numel(), iters, repeats, statistic)
+    relu = times[0]
+    rows = [BenchRow(name, t, t / relu, note) for (name, _, _, note), t in zip(cases, times, strict=True)]
+    # The kernel is built lazily by the first call, so its status is only known now.
+    return [
+        BenchRow(r.name, r.ns_per_elem, r.ratio_to_relu, f"kernel: {cpu_kernels.status()}")
+        if r.name == "lsq fused"
+        else r
+        for r in rows
+    ]
+
+
+def _verdict(rows: list[BenchRow]) -> str:
+    fused = next(r for r in rows if r.name == "lsq fused")
+    met = "met" if fused.ratio_to_relu <= LSQ_TARGET_RATIO else "NOT met"
+    return f"LSQ target (fused fwd+bwd <= {LSQ_TARGET_RATIO:g}x ReLU): {met} ({fused.ratio_to_relu:.2f}x)"
+
+
+def format_table(rows: list[BenchRow]) -> str:
+    """Plain-text table for the terminal."""
+    width = max(len(r.name) for r in rows)
+    lines = [f"load average {os.getloadavg()[0]:.2f} (other processes on the cores distort timings)", ""]
+    lines += [f"{'quantizer':<{width}}  {'ns/elem':>8}  {'x relu':>7}  note", "-" * (width + 40)]
+    lines += [f"{r.name:<{width}}  {r.ns_per_elem:8.2f}  {r.ratio_to_relu:7.2f}  {r.note}" for r in rows]
+    return "\n".join([*lines, "", _verdict(rows)])
+
+
+def to_markdown(rows: list[BenchRow], shape: tuple[int, ...] = DEFAULT_SHAPE, threads: int = 2) -> str:
+    """The table as Markdown (for the README)."""
+    lines = [
+        f"Forward + backward per element, float32 tensor {'x'.join(map(str, shape))}, "
+        f"{threads} CPU threads, torch {torch.__version__}, load average {os.getloadavg()[0]:.2f}.",
+        "",
+        "| quantizer | ns/elem | x ReLU | note |",
+        "|---|---:|---:|---|",
+    ]
+    lines += [f"| {r.name} | {r.ns_per_elem:.2f} | {r.ratio_to_relu:.2f} | {r.note} |" for r in rows]
+    return "\n".join([*lines, "", _verdict(rows)])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", type=int, nargs="+", default=list(DEFAULT_SHAPE))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="add a torch.compile'd LSQ row")
+    parser.add_argument("--statistic", choices=["min", "median"], default="min", help="over the repeats")
+    parser.add_argument("--markdown", action="store_true", help="print Markdown instead of plain text")
+    args = parser.parse_args(argv)
+    shape = tuple(args.shape)
+    rows = run(shape, args.threads, args.bits, args.iters, args.repeats, args.compile, args.statistic)
+    print(to_markdown(rows, shape, args.threads) if args.markdown else format_table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""Quantized modules and the float helper modules conversion relies on.
+
+See :mod:`model_quantization.nn.base` for how conversion keeps the float module's class, attributes and
+parameter names.
+"""
+
+from model_quantization.nn.add import Add, QAdd
+from model_quantization.nn.base import (
+    QuantizedModule,
+    QuantizedWeightModule,
+    quantized_class,
+    quantized_module_for,
+    register_quantized_module,
+)
+from model_quantization.nn.layers import QConv2d, QConvTranspose2d, QLinear
+from model_quantization.nn.norm import PerLevelNorm, select_level
+
+__all__ = [
+    "Add",
+    "PerLevelNorm",
+    "QAdd",
+    "QConv2d",
+    "QConvTranspose2d",
+    "QLinear",
+    "QuantizedModule",
+    "QuantizedWeightModule",
+    "quantized_class",
+    "quantized_module_for",
+    "register_quantized_module",
+    "select_level",
+]

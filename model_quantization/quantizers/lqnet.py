@@ -1,0 +1,166 @@
+"""LQ-Nets: learned quantization with a per-group basis (Zhang et al., ECCV 2018)."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import torch
+
+from model_quantization import functional as F
+from model_quantization.distributed import all_reduce_mean
+from model_quantization.quantizers.base import QUANTIZERS, Quantizer
+
+
+def code_matrix(bits: int, signed: bool, ternary: bool = False) -> torch.Tensor:
+    """The L x K' matrix of binary codes whose products with a basis give the quantization levels.
+
+    K-bit: every code in {-1, +1}^K (signed) or {0, 1}^K (unsigned), L = 2^K. Ternary ties a 2-bit basis
+    (v1 = v2 = v), so the code sums {-2, 0, 2} (signed) or {0, 1, 2} (unsigned) times v give exactly three
+    levels; it is represented directly as one basis element with those three coefficients.
+    """
+    if ternary:
+        return torch.tensor([[-2.0], [0.0], [2.0]] if signed else [[0.0], [1.0], [2.0]])
+    values = (-1.0, 1.0) if signed else (0.0, 1.0)
+    return torch.tensor(list(itertools.product(values, repeat=bits)))
+
+
+@QUANTIZERS.register("lqnet")
+class LQNetQuantizer(Quantizer):
+    """Levels ``v^T b`` for binary codes ``b`` and a basis ``v`` fitted to the data by least squares.
+
+    Every value is mapped to its nearest level. In training, each forward pass refits the basis of every
+    group (the whole tensor, or one output channel for per-channel weights) to the codes it just assigned,
+    ``v* = argmin_v ||B v - x||^2`` (the paper's QEM step, solved with a pseudo-inverse so that unused codes
+    do not break it), and moves the stored basis towards it: ``v <- momentum * v + (1 - momentum) * v*``.
+    The basis is a buffer, not trained by gradients; the input gets the straight-through gradient.
+
+    Options:
+        momentum: EMA weight of the old basis (default 0.9).
+        ternary: three levels {-2v, 0, 2v} (signed) or {0, v, 2v} (unsigned); requires ``bits=2``.
+        init_batches: batches whose fitted bases are averaged into the initial basis (default 1). Each
+            initial fit starts from a uniform grid scaled by mean(|x|) and runs a few QEM iterations.
+    """
+
+    method = "lqnet"
+    data_driven = True
+    init_iterations = 5
+
+    def __init__(
+        self,
+        bits: int | None = 2,
+        signed: bool = True,
+        granularity: str = "per_tensor",
+        role: str = "activation",
+        channel_axis: int = 0,
+        num_channels: int | None = None,
+        *,
+        momentum: float = 0.9,
+        ternary: bool = False,
+        init_batches: int = 1,
+    ) -> None:
+        super().__init__(
+            bits, signed, granularity, role, channel_axis, num_channels,
+            momentum=momentum, ternary=ternary, init_batches=init_batches,
+        )  # fmt: skip
+        self.momentum = momentum
+        self.ternary = ternary
+        self.init_batches = init_batches
+        if bits is None:
+            return
+        codes = code_matrix(bits, signed, ternary)
+        self.register_buffer("codes", codes, persistent=False)  # a constant of the configuration
+        groups = self.num_channels or 1
+        self.register_buffer("basis", torch.ones(groups, codes.shape[1]))
+
+    @classmethod
+    def check_options(cls, bits, signed, granularity, role, momentum=0.9, ternary=False, init_batches=1, **_):
+        if not (isinstance(momentum, int | float) and 0.0 <= momentum < 1.0):
+            raise ValueError(f"lqnet: momentum must be in [0, 1), got {momentum!r}")
+        if ternary and bits != 2:
+            raise ValueError(f"lqnet: ternary needs bits=2 (a tied 2-bit basis), got bits={bits!r}")
+        if not isinstance(init_batches, int) or init_batches < 1:
+            raise ValueError(f"lqnet: init_batches must be an integer >= 1, got {init_batches!r}")
+
+    @property
+    def bits_label(self) -> str:
+        return "ter" if self.ternary and self.enabled else super().bits_label
+
+    # --------------------------------------------------------------------------------------- core
+
+    def _groups(self, x: torch.Tensor) -> torch.Tensor:
+        """View ``x`` as (groups, elements per group)."""
+        axis = self._per_channel_axis(x)
+        if axis is None:
+            return x.reshape(1, -1)
+        return x.movedim(axis, 0).reshape(x.shape[axis], -1)
+
+    def _ungroup(self, grouped: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        axis = self._per_channel_axis(like)
+        if axis is None:
+            return grouped.reshape(like.shape)
+        moved = list(like.shape)
+        moved.insert(0, moved.pop(axis))
+        return grouped.reshape(moved).movedim(0, axis)
+
+    def levels(self, basis: torch.Tensor | None = None) -> torch.Tensor:
+        """Quantization levels per group, (groups, L), in code order."""
+        basis = self.basis if basis is None else basis
+        return basis @ self.codes.to(basis.dtype).T
+
+    def _assign(
+        self, xg: torch.Tensor, basis: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Nearest level of every element: (quantized values, sorted-level index, code order of levels)."""
+        sorted_levels, order = self.levels(basis).sort(dim=1)
+        thresholds = (sorted_levels[:, 1:] + sorted_levels[:, :-1]) / 2
+        index = torch.searchsorted(thresholds.contiguous(), xg.contiguous())
+        return sorted_levels.gather(1, index), index, order
+
+    def _fit_basis(self, xg: torch.Tensor, index: torch.Tensor, order: torch.Tensor, basis: torch.Tensor):
+        """Least-squares basis for the given assignment (all-reduced statistics), per group."""
+        groups, num_levels = order.shape
+        counts = torch.zeros(groups, num_levels, dtype=torch.float64, device=xg.device)
+        sums = torch.zeros_like(counts)
+        counts.scatter_add_(1, index, torch.ones_like(xg, dtype=torch.float64))
+        sums.scatter_add_(1, index, xg.to(torch.float64))
+        codes = self.codes.to(torch.float64)[order]  # (groups, L, K'): codes of the sorted levels
+        btb = torch.einsum("gl,glk,glj->gkj", counts, codes, codes)
+        btx = torch.einsum("gl,glk->gk", sums, codes)
+        stats = all_reduce_mean(torch.cat([btb.flatten(1), btx], dim=1))
+        k = codes.shape[-1]
+        btb, btx = stats[:, : k * k].reshape(groups, k, k), stats[:, k * k :]
+        solution = (torch.linalg.pinv(btb) @ btx.unsqueeze(-1)).squeeze(-1).to(basis.dtype)
+        # A group whose values all fell on the zero level carries no information: keep its basis.
+        degenerate = (solution == 0).all(dim=1, keepdim=True)
+        return torch.where(degenerate, basis, solution)
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        xg = self._groups(x.detach())
+        quantized, index, order = self._assign(xg, self.basis.to(x.dtype))
+        if self.training:
+            with torch.no_grad():
+                fitted = self._fit_basis(xg, index, order, self.basis)
+                self.basis.mul_(self.momentum).add_(fitted, alpha=1.0 - self.momentum)
+        return F.straight_through(x, self._ungroup(quantized, x))
+
+    def _initial_values(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        xg = self._groups(x).to(torch.float32)
+        mean_abs = xg.abs().mean(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).eps)
+        k = self.codes.shape[1]
+        if self.ternary:
+            # Signed: levels +-mean|x|; unsigned: {0, mean, 2 mean}.
+            scale = mean_abs / 2 if self.signed else mean_abs
+            basis = scale.expand(-1, 1)
+        else:
+            # Powers of two give a uniform grid: odd multiples of a (signed) or 0..(2^K - 1) a (unsigned).
+            powers = 2.0 ** torch.arange(k, dtype=torch.float32, device=x.device)
+            a = mean_abs / 2 ** (k - 1) if self.signed else 2 * mean_abs / (2**k - 1)
+            basis = a * powers
+        for _ in range(self.init_iterations):
+            _, index, order = self._assign(xg, basis)
+            basis = self._fit_basis(xg, index, order, basis)
+        return {"basis": basis}
+
+    def repr_options(self) -> dict[str, Any]:
+        return {"momentum": self.momentum, **({"ternary": True} if self.ternary else {})}

@@ -1,0 +1,246 @@
+"""Range observers for post-training quantization (PTQ) and calibration: min-max, moving average, percentile.
+
+An observer quantizer records the range of what flows through it and fake-quantizes with the step that
+maps that range onto the integer grid: ``step = max(|min|, |max|) / Qp`` (signed, grid ``[-Qn, Qp]``) or
+``step = max / (2^b - 1)`` (unsigned, grid ``[0, 2^b - 1]``). It observes on the first batch it sees and
+whenever calibration is switched on::
+
+    with calibration(model):          # observers update their ranges on every batch in here
+        for images in calibration_set:
+            model(images)
+    model(images)                     # ranges frozen: plain fake quantization
+
+The input gets the straight-through gradient inside the range; ranges are not learned. Ranges are
+reduced over DDP ranks (min/max, or the mean for percentiles) so that every rank calibrates identically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from model_quantization import functional as F
+from model_quantization.distributed import all_reduce_max, all_reduce_mean, all_reduce_min
+from model_quantization.quantizers.base import QUANTIZERS, Quantizer
+from model_quantization.quantizers.lsq import integer_grid
+
+__all__ = [
+    "MinMaxObserver",
+    "MovingAverageMinMaxObserver",
+    "ObserverQuantizer",
+    "PercentileObserver",
+    "calibration",
+]
+
+
+class ObserverQuantizer(Quantizer):
+    """Base class: range buffers ``min_val``/``max_val``, the grid, and fake quantization from the range.
+
+    Subclasses implement :meth:`batch_range` (the range estimate of one batch) and :meth:`combine` (how it
+    merges with the stored range).
+    """
+
+    data_driven = True
+
+    def __init__(
+        self,
+        bits: int | None = 8,
+        signed: bool = True,
+        granularity: str = "per_tensor",
+        role: str = "activation",
+        channel_axis: int = 0,
+        num_channels: int | None = None,
+        **options,
+    ) -> None:
+        super().__init__(bits, signed, granularity, role, channel_axis, num_channels, **options)
+        #: When True every forward pass updates the range (see :func:`calibration`). Not state.
+        self.observing = False
+        if bits is None:
+            return
+        self.qn, self.qp, self.sign_grid = integer_grid(bits, signed)
+        self.register_buffer("min_val", torch.zeros(self._state_shape()))
+        self.register_buffer("max_val", torch.zeros(self._state_shape()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.enabled and x.numel() and (self.observing or not self.is_initialized):
+            if not self._input_checked:
+                self.check_input(x)
+                self._input_checked = True
+            self.observe(x)
+        return super().forward(x)
+
+    def _grouped(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as (groups, elements): one group per tensor or per channel."""
+        axis = self._per_channel_axis(x)
+        return x.reshape(1, -1) if axis is None else x.movedim(axis, 0).reshape(x.shape[axis], -1)
+
+    def batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(min, max) estimate of one batch, shaped like the state, already reduced over ranks."""
+        grouped = self._grouped(x.detach()).to(self.min_val.dtype)
+        low, high = grouped.amin(dim=1), grouped.amax(dim=1)
+        return all_reduce_min(low), all_reduce_max(high)
+
+    def combine(self, low: torch.Tensor, high: torch.Tensor) -> None:
+        """Merge a batch range into the stored one (called after at least one batch was stored)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        """Update the stored range with one batch."""
+        low, high = self.batch_range(x)
+        low, high = low.reshape(self.min_val.shape), high.reshape(self.max_val.shape)
+        if int(self.init_batches_seen) == 0:
+            self.min_val.copy_(low)
+            self.max_val.copy_(high)
+        else:
+            self.combine(low, high)
+        self.init_batches_seen.add_(1)
+        self.initialized.fill_(True)
+
+    def step(self) -> torch.Tensor:
+        """The step size implied by the stored range."""
+        if self.signed:
+            peak = torch.maximum(self.min_val.abs(), self.max_val.abs())
+        else:
+            peak = self.max_val.clamp_min(0.0)
+        return (peak / self.qp).clamp_min(torch.finfo(torch.float32).tiny * 1e3)
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        step = self.step().to(x.dtype)
+        return F.lsq_fake_quant(
+            x, step, self.qn, self.qp, sign_grid=self.sign_grid, channel_axis=self._per_channel_axis(x)
+        )
+
+    def repr_options(self) -> dict[str, Any]:
+        return {"observing": True} if self.observing else {}
+
+
+@QUANTIZERS.register("minmax")
+class MinMaxObserver(ObserverQuantizer):
+    """Running minimum and maximum over all observed batches."""
+
+    method = "minmax"
+
+    def __init__(
+        self,
+        bits: int | None = 8,
+        signed: bool = True,
+        granularity: str = "per_tensor",
+        role: str = "activation",
+        channel_axis: int = 0,
+        num_channels: int | None = None,
+    ) -> None:
+        super().__init__(bits, signed, granularity, role, channel_axis, num_channels)
+
+    def combine(self, low: torch.Tensor, high: torch.Tensor) -> None:
+        torch.minimum(self.min_val, low, out=self.min_val)
+        torch.maximum(self.max_val, high, out=self.max_val)
+
+
+@QUANTIZERS.register("ema_minmax")
+class MovingAverageMinMaxObserver(ObserverQuantizer):
+    """Exponential moving average of per-batch minima and maxima.
+
+    Options:
+        momentum: weight of the new batch, ``range <- (1 - m) * range + m * batch`` (default 0.01, as in
+            ``torch.ao.quantization.MovingAverageMinMaxObserver``).
+    """
+
+    method = "ema_minmax"
+
+    def __init__(
+        self,
+        bits: int | None = 8,
+        signed: bool = True,
+        granularity: str = "per_tensor",
+        role: str = "activation",
+        channel_axis: int = 0,
+        num_channels: int | None = None,
+        *,
+        momentum: float = 0.01,
+    ) -> None:
+        super().__init__(bits, signed, granularity, role, channel_axis, num_channels, momentum=momentum)
+        self.momentum = momentum
+
+    @classmethod
+    def check_options(cls, bits, signed, granularity, role, momentum=0.01, **_):
+        if not (isinstance(momentum, int | float) and 0.0 < momentum <= 1.0):
+            raise ValueError(f"ema_minmax: momentum must be in (0, 1], got {momentum!r}")
+
+    def combine(self, low: torch.Tensor, high: torch.Tensor) -> None:
+        self.min_val.lerp_(low, self.momentum)
+        self.max_val.lerp_(high, self.momentum)
+
+
+@QUANTIZERS.register("percentile")
+class PercentileObserver(ObserverQuantizer):
+    """Mean over observed batches of the per-batch ``percentile`` / ``100 - percentile`` values.
+
+    Uses the nearest-rank definition: the k-th smallest value with ``k = ceil(p / 100 * n)``. Clipping the
+    few outliers that min-max would chase usually helps low-bit activations.
+
+    Options:
+        percentile: upper percentile in (50, 100] (default 99.99); the lower one is ``100 - percentile``.
+    """
+
+    method = "percentile"
+
+    def __init__(
+        self,
+        bits: int | None = 8,
+        signed: bool = True,
+        granularity: str = "per_tensor",
+        role: str = "activation",
+        channel_axis: int = 0,
+        num_channels: int | None = None,
+        *,
+        percentile: float = 99.99,
+    ) -> None:
+        super().__init__(bits, signed, granularity, role, channel_axis, num_channels, percentile=percentile)
+        self.percentile = float(percentile)
+
+    @classmethod
+    def check_options(cls, bits, signed, granularity, role, percentile=99.99, **_):
+        if not (isinstance(percentile, int | float) and 50.0 < percentile <= 100.0):
+            raise ValueError(f"percentile: percentile must be in (50, 100], got {percentile!r}")
+
+    @staticmethod
+    def _rank(fraction: float, n: int) -> int:
+        return min(max(math.ceil(fraction * n), 1), n)
+
+    def batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        grouped = self._grouped(x.detach()).to(self.min_val.dtype)
+        n = grouped.shape[1]
+        high = grouped.kthvalue(self._rank(self.percentile / 100.0, n), dim=1).values
+        low = grouped.kthvalue(self._rank(1.0 - self.percentile / 100.0, n), dim=1).values
+        return all_reduce_mean(low), all_reduce_mean(high)
+
+    def combine(self, low: torch.Tensor, high: torch.Tensor) -> None:
+        seen = int(self.init_batches_seen)
+        self.min_val.add_((low - self.min_val) / (seen + 1))
+        self.max_val.add_((high - self.max_val) / (seen + 1))
+
+    def repr_options(self) -> dict[str, Any]:
+        return {**super().repr_options(), "percentile": self.percentile}
+
+
+@contextlib.contextmanager
+def calibration(model: nn.Module) -> Iterator[list[ObserverQuantizer]]:
+    """Make every observer in ``model`` update its range on each forward pass inside the block.
+
+    Does not change train/eval mode. Yields the observers it switched on.
+    """
+    observers = [m for m in model.modules() if isinstance(m, ObserverQuantizer) and m.enabled]
+    previous = [m.observing for m in observers]
+    for m in observers:
+        m.observing = True
+    try:
+        yield observers
+    finally:
+        for m, flag in zip(observers, previous, strict=True):
+            m.observing = flag

@@ -1,0 +1,152 @@
+"""Quantized layers against hand-written functional equivalents; Add; per-level norm."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model_quantization.nn import (
+    Add,
+    PerLevelNorm,
+    QAdd,
+    QConv2d,
+    QConvTranspose2d,
+    QLinear,
+    quantized_class,
+    quantized_module_for,
+    select_level,
+)
+from model_quantization.quantizers import DoReFaQuantizer, LSQQuantizer
+
+
+def _lsq_pair(weight_channels: int, axis: int) -> dict:
+    return {
+        "weight_quantizer": LSQQuantizer(
+            3, True, "per_channel", "weight", channel_axis=axis, num_channels=weight_channels
+        ),
+        "input_quantizer": LSQQuantizer(4, True),
+    }
+
+
+def test_qconv_transpose_matches_functional_and_passes_output_size(seed):
+    module = QConvTranspose2d.from_float(nn.ConvTranspose2d(6, 4, 3, stride=2, padding=1), **_lsq_pair(4, 1))
+    x = torch.randn(2, 6, 5, 5)
+    out = module(x, output_size=[10, 10])
+    assert out.shape == (2, 4, 10, 10)
+    qx, qw = module.input_quantizer(x), module.weight_quantizer(module.weight)
+    expected = F.conv_transpose2d(qx, qw, module.bias, stride=2, padding=1, output_padding=1)
+    assert torch.equal(out, expected)
+    assert module.weight_quantizer.step.shape == (4,)
+
+
+def test_qlinear_and_qconv_match_functional(seed):
+    linear = QLinear.from_float(nn.Linear(7, 3), **_lsq_pair(3, 0))
+    x = torch.randn(5, 7)
+    assert torch.equal(
+        linear(x), F.linear(linear.input_quantizer(x), linear.weight_quantizer(linear.weight), linear.bias)
+    )
+    conv = QConv2d.from_float(
+        nn.Conv2d(3, 4, 3, padding=1),
+        weight_quantizer=DoReFaQuantizer(2, True, role="weight"),
+        input_quantizer=DoReFaQuantizer(2, False, clip=2.0),
+    )
+    x = torch.rand(1, 3, 6, 6)
+    expected = F.conv2d(conv.input_quantizer(x), conv.weight_quantizer(conv.weight), conv.bias, padding=1)
+    assert torch.equal(conv(x), expected)
+
+
+def test_weight_substitution_is_restored_even_when_forward_raises():
+    conv = QConv2d.from_float(nn.Conv2d(3, 4, 3), **_lsq_pair(4, 0))
+    with pytest.raises(RuntimeError):
+        conv(torch.randn(1, 5, 6, 6))  # wrong channel count
+    assert isinstance(conv.weight, nn.Parameter)
+    assert [name for name, _ in conv.named_parameters()][:2] == ["weight", "bias"]
+
+
+def test_handler_lookup_follows_the_mro():
+    class MyConv(nn.Conv2d):
+        pass
+
+    class MyAdd(Add):
+        pass
+
+    assert quantized_module_for(nn.Conv2d) is QConv2d
+    assert quantized_module_for(MyConv) is QConv2d
+    assert quantized_module_for(MyAdd) is QAdd
+    assert quantized_module_for(nn.Conv1d) is None
+    assert quantized_module_for(QConv2d) is None  # never convert twice
+    dynamic = quantized_class(QConv2d, MyConv)
+    assert (
+        dynamic is quantized_class(QConv2d, MyConv)
+        and issubclass(dynamic, MyConv)
+        and dynamic.__name__ == "QConv2d[MyConv]"
+    )
+    with pytest.raises(TypeError, match="expects a Linear"):
+        QLinear.from_float(nn.Conv2d(1, 1, 1), **_lsq_pair(1, 0))
+    converted = QConv2d.from_float(MyConv(1, 1, 1), **_lsq_pair(1, 0))
+    with pytest.raises(TypeError, match=r"QConv2d\[MyConv\] is already quantized"):
+        QConv2d.from_float(converted, **_lsq_pair(1, 0))
+
+
+def test_add_and_qadd_semantics(seed):
+    a, b = torch.randn(3, 4), torch.randn(3, 4)
+    assert torch.equal(Add()(a, b), a + b)
+    qadd = QAdd.from_float(
+        Add(), output_quantizer=LSQQuantizer(3, True, init_value=0.5), input_quantizer=LSQQuantizer(None)
+    )
+    assert not qadd.align_inputs
+    assert torch.equal(qadd(a, b), torch.clamp(torch.round((a + b) / 0.5), -4, 3) * 0.5)
+
+
+def test_per_level_norm_selects_independent_norms(seed):
+    norm = PerLevelNorm.from_norm(nn.BatchNorm2d(3), num_levels=4)
+    assert norm.num_levels == 4
+    x = [torch.randn(2, 3, 5, 5) * (i + 1) + i for i in range(4)]
+    norm.train()
+    for level, feature in enumerate(x):
+        with select_level(norm, level):
+            norm(feature)
+    means = torch.stack([n.running_mean for n in norm.norms])
+    expected = torch.stack([0.1 * f.mean(dim=(0, 2, 3)) for f in x])
+    torch.testing.assert_close(means, expected)
+    assert norm.level is None
+    with pytest.raises(RuntimeError, match="no level selected"):
+        norm(x[0])
+    with pytest.raises(IndexError, match="level 4 out of range"):
+        norm(x[0], level=4)
+
+
+def test_per_level_norm_inside_a_conv_subclass_keeps_the_forward_unchanged(seed):
+    class NormConv(nn.Conv2d):
+        def __init__(self, *args, norm=None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.norm = norm
+
+        def forward(self, x):
+            return self.norm(F.conv2d(x, self.weight, self.bias, padding=1))
+
+    head = NormConv(3, 3, 3, norm=PerLevelNorm.from_norm(nn.BatchNorm2d(3), 2)).eval()
+    for i, level_norm in enumerate(head.norm.norms):
+        level_norm.running_mean.fill_(float(i))
+    x = torch.randn(1, 3, 4, 4)
+    outs = []
+    for level in range(2):
+        with select_level(head, level):
+            outs.append(head(x))
+    torch.testing.assert_close(outs[0] - outs[1], torch.ones_like(outs[0]), rtol=0, atol=1e-5)
+
+
+def test_shared_norm_checkpoint_loads_into_every_level(seed):
+    shared = nn.BatchNorm2d(3)
+    shared.running_mean.normal_()
+    shared.weight.data.normal_()
+    per_level = PerLevelNorm.from_norm(nn.BatchNorm2d(3), 3)
+    per_level.load_state_dict(shared.state_dict(), strict=True)
+    for level_norm in per_level.norms:
+        assert torch.equal(level_norm.running_mean, shared.running_mean)
+        assert torch.equal(level_norm.weight, shared.weight)
+    # Its own per-level state dict round-trips as usual.
+    again = PerLevelNorm.from_norm(nn.BatchNorm2d(3), 3)
+    again.load_state_dict(per_level.state_dict(), strict=True)
