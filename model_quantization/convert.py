@@ -271,14 +271,15 @@ def convert(
         else:
             plans.append((name, module, plan))
 
-    unused = [rule.pattern for rule in spec.rules if rule.pattern not in used_rules]
+    unused = [(i, rule.pattern) for i, rule in enumerate(spec.rules) if rule.pattern not in used_rules]
     if unused:
         quantizable = [n for n, m in modules if n and quantized_module_for(type(m)) is not None]
-        hints = "; ".join(
-            f"{p!r} (closest module names: {', '.join(close_matches(p, quantizable)) or 'none'})"
-            for p in unused
+        i, pattern = unused[0]
+        more = f" ({len(unused) - 1} more rule(s) match nothing either)" if len(unused) > 1 else ""
+        raise ValueError(
+            f"rules[{i}] ({pattern!r}): matches no quantizable module (closest module names: "
+            f"{', '.join(close_matches(pattern, quantizable)) or 'none'}){more}"
         )
-        raise ValueError(f"rule pattern matches no quantizable module: {hints}")
 
     if not inplace:
         model = copy.deepcopy(model)

@@ -203,7 +203,7 @@ def test_rule_matching_no_module_is_an_error_with_close_names():
     model = ToyNet()
     with pytest.raises(
         ValueError,
-        match=r"matches no quantizable module: 'block\.conv3' \(closest module names: block\.conv[12]",
+        match=r"rules\[\d\] \('block\.conv3'\): matches no quantizable module \(closest module names: block\.conv[12]",
     ):
         convert(model, spec, inplace=True)
     assert type(model.stem) is nn.Conv2d  # nothing was converted

@@ -1,0 +1,40 @@
+"""detectron2 integration: ``MODEL.QUANTIZATION`` config, the build-time hook, datasets, optimizer settings.
+
+The patch series in ``patches/detectron2`` calls into this package from three places: the config defaults
+(:func:`add_quantization_config`), ``build_model`` (:func:`quantize`) and ``build_optimizer``
+(:func:`quantizer_overrides`); ``detectron2.data.datasets.builtin`` registers the shapes dataset.
+
+Only :mod:`.config` is imported eagerly: it runs while ``detectron2.config`` itself is being imported, so
+it must not import detectron2. Everything else is loaded on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .config import add_quantization_config, spec_from_cfg
+
+__all__ = [
+    "add_quantization_config",
+    "apply_architecture_options",
+    "quantize",
+    "quantizer_overrides",
+    "register_default_shapes",
+    "register_shapes",
+    "spec_from_cfg",
+]
+
+_LAZY = {
+    "quantize": ".modeling",
+    "apply_architecture_options": ".modeling",
+    "quantizer_overrides": ".optimizer",
+    "register_shapes": ".datasets",
+    "register_default_shapes": ".datasets",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

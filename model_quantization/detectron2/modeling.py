@@ -1,0 +1,88 @@
+"""The build-time hook: turn a freshly built detectron2 model into the quantized model its config asks for.
+
+Called by the patched ``detectron2.modeling.build_model`` for every meta-architecture (AdelaiDet's
+included). Two steps, both no-ops under an unmodified config:
+
+1. architecture options that quantized models need, e.g. ``FPN_ACTIVATION: relu`` (FPN-BN: unsigned
+   quantized activations need non-negative conv inputs, so the FPN's convs get a ReLU after their norm);
+2. with ``MODEL.QUANTIZATION.ENABLED``, :func:`model_quantization.convert` with the config's spec, in place,
+   and the conversion report in the log (also kept as ``model.quantization_report``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch.nn.functional as F
+from torch import nn
+
+from ..convert import convert
+from .config import _config_key_names, spec_from_cfg
+
+__all__ = ["apply_architecture_options", "quantize"]
+
+logger = logging.getLogger(__name__)
+
+
+class ConvReLU(nn.Conv2d):
+    """``relu(conv(x))`` with nn.Conv2d's parameters and names (FPN-BN for top-block convs P6/P7)."""
+
+    def forward(self, x):
+        return F.relu(super().forward(x))
+
+
+def _relu_after(conv: nn.Module) -> None:
+    from detectron2.layers import Conv2d
+
+    if isinstance(conv, Conv2d):  # conv -> norm -> activation inside its own forward
+        conv.activation = F.relu
+    elif type(conv) is nn.Conv2d:
+        conv.__class__ = ConvReLU  # same parameters and names: checkpoints still load
+    else:
+        raise TypeError(f"FPN_ACTIVATION: cannot add a ReLU after {type(conv).__name__}")
+
+
+def apply_architecture_options(model: nn.Module, cfg) -> list[str]:
+    """Apply ``MODEL.QUANTIZATION.FPN_ACTIVATION`` to every detectron2 FPN in ``model``.
+
+    Returns the qualified names of the convs that got a ReLU.
+    """
+    if not cfg.MODEL.QUANTIZATION.FPN_ACTIVATION:
+        return []
+    from detectron2.modeling.backbone import FPN
+
+    changed = []
+    for name, module in model.named_modules():
+        if not isinstance(module, FPN):
+            continue
+        convs = {id(c): c for c in [*module.lateral_convs, *module.output_convs]}
+        # Extra levels (RetinaNet's P6/P7, FCOS's P6/P7): their outputs feed the heads too.
+        top_block = module.top_block
+        if top_block is not None:
+            convs.update({id(c): c for c in top_block.modules() if isinstance(c, nn.Conv2d)})
+        names = {id(m): f"{name}.{n}" if name else n for n, m in module.named_modules()}
+        for conv in convs.values():
+            _relu_after(conv)
+            changed.append(names[id(conv)])
+    if not changed:
+        raise ValueError("MODEL.QUANTIZATION.FPN_ACTIVATION is set, but the model has no FPN")
+    return sorted(changed)
+
+
+def quantize(model: nn.Module, cfg) -> nn.Module:
+    """Apply the architecture options and, when enabled, quantize ``model`` in place as ``cfg`` says."""
+    relu_convs = apply_architecture_options(model, cfg)
+    if relu_convs:
+        logger.info(
+            "FPN_ACTIVATION=%s after %d FPN convs", cfg.MODEL.QUANTIZATION.FPN_ACTIVATION, len(relu_convs)
+        )
+    if not cfg.MODEL.QUANTIZATION.ENABLED:
+        return model
+    spec = spec_from_cfg(cfg)
+    try:
+        model, report = convert(model, spec, inplace=True)
+    except ValueError as exc:  # e.g. a rule that matches no module: name the config key
+        raise ValueError(_config_key_names(str(exc))) from None
+    logger.info("Quantized %s as MODEL.QUANTIZATION says:\n%s", type(model).__name__, report)
+    model.quantization_report = report
+    return model

@@ -1,0 +1,393 @@
+"""Quantized detectron2 models through the patched tree: configs, reports, training + COCO evaluation,
+float equivalence with the unpatched pin, checkpoint resume, bad configs."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from .d2_helpers import CONFIG_DIR, ROOT, config_files, load_cfg, quantizer_state, shapes_batch
+
+pytestmark = pytest.mark.integration
+
+SHAPES = CONFIG_DIR / "shapes"
+QUANTIZABLE = ("Conv2d", "ConvTranspose2d", "Linear", "Add")
+
+
+@pytest.mark.parametrize("path", config_files(), ids=lambda p: str(p.relative_to(CONFIG_DIR)))
+def test_every_config_builds_and_leaves_nothing_silently_float(patched_tree, path: Path) -> None:
+    from detectron2.modeling import build_model
+
+    cfg = load_cfg(path)
+    model = build_model(cfg)
+    if not cfg.MODEL.QUANTIZATION.ENABLED:
+        assert not hasattr(model, "quantization_report")
+        return
+    report = model.quantization_report
+    quantized = {row["name"]: row for row in report.rows()}
+    float_reasons = {row.name: row.reason for row in report.left_float}
+    for name, module in model.named_modules():
+        kinds = [c.__name__ for c in type(module).__mro__]
+        if not any(k in QUANTIZABLE for k in kinds):
+            continue
+        if name in quantized:
+            continue
+        reason = float_reasons.get(name, "")
+        assert reason.startswith("skipped by rule"), (
+            f"{path.name}: {name} ({kinds[0]}) left float: {reason!r}"
+        )
+    # the configured bit widths are the ones in the model
+    wbits = cfg.MODEL.QUANTIZATION.WEIGHT.BITS
+    convs = [r for r in quantized.values() if r["type"] == "Conv2d" and not r["rules"].strip("-")]
+    assert convs and all(str(r["w_bits"]) == str(wbits) for r in convs)
+
+
+def _train_and_evaluate(tmp_path: Path, config: str, tasks, *opts):
+    from detectron2.engine import DefaultTrainer
+    from detectron2.evaluation import COCOEvaluator
+
+    cfg = load_cfg(
+        SHAPES / config, "SOLVER.MAX_ITER", 3, "SOLVER.WARMUP_ITERS", 0, "OUTPUT_DIR", str(tmp_path), *opts
+    )
+    trainer = DefaultTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    assert trainer.iter == cfg.SOLVER.MAX_ITER  # train() leaves iter one past the last step
+    evaluator = COCOEvaluator(
+        "shapes_tiny_val", tasks=tuple(sorted(tasks)), output_dir=str(tmp_path / "eval")
+    )
+    results = DefaultTrainer.test(cfg, trainer.model, evaluators=[evaluator])
+    return trainer, results
+
+
+@pytest.mark.parametrize(
+    "config, tasks",
+    [
+        ("retinanet_R_18_FPN_fullbn_lsq_w4a4.yaml", {"bbox"}),
+        ("faster_rcnn_R_18_FPN_lsq_w4a4.yaml", {"bbox"}),
+        ("mask_rcnn_R_18_FPN_lsq_w4a4.yaml", {"bbox", "segm"}),
+    ],
+)
+def test_quantized_detectors_train_and_evaluate_with_coco(
+    patched_tree, tmp_path: Path, config: str, tasks
+) -> None:
+    trainer, results = _train_and_evaluate(
+        tmp_path, config, tasks, "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 32
+    )
+    assert set(results) == tasks
+    for task in tasks:
+        assert {"AP", "AP50", "AP75"} <= set(results[task])
+        assert all(math.isnan(v) or 0 <= v <= 100 for v in results[task].values())
+    assert json.loads((tmp_path / "eval" / "coco_instances_results.json").read_text()) is not None
+    state = quantizer_state(trainer.model)
+    initialised = [k for k in state if k.endswith("initialized")]
+    assert initialised and all(bool(state[k]) for k in initialised), "a quantizer was never initialised"
+
+
+def _pin_tree(tmp_path: Path) -> Path:
+    """detectron2 at the pin, unpatched, with the compiled extension of the build (C++ is not patched)."""
+    repo = ROOT / "external" / "detectron2"
+    pin = subprocess.run(
+        ["git", "ls-files", "--stage", "external/detectron2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()[1]
+    archive = subprocess.run(
+        ["git", "archive", pin, "detectron2"], cwd=repo, capture_output=True, check=True
+    ).stdout
+    target = tmp_path / "pin"
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(target, filter="data")
+    for so in (repo / "detectron2").glob("_C*.so"):
+        shutil.copy2(so, target / "detectron2" / so.name)
+    return target
+
+
+UNPATCHED_FORWARD = r"""
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import detectron2
+assert detectron2.__file__.startswith(sys.argv[1]), detectron2.__file__
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+data = torch.load(sys.argv[2], weights_only=False)
+cfg = get_cfg()
+assert "QUANTIZATION" not in cfg.MODEL, "this must be the unpatched tree"
+cfg.merge_from_other_cfg(cfg.load_cfg(data["cfg"]))
+model = build_model(cfg).eval()
+model.load_state_dict(data["state"])
+with torch.no_grad():
+    out = model(data["inputs"])
+torch.save([{k: v for k, v in o["instances"].get_fields().items()} for o in out], sys.argv[3])
+"""
+
+
+@pytest.mark.parametrize(
+    "config", ["retinanet_R_18_FPN_fullbn_float.yaml", "faster_rcnn_R_18_FPN_lsq_w4a4.yaml"]
+)
+def test_quantization_off_is_identical_to_the_unpatched_pin(
+    patched_tree, tmp_path: Path, config: str
+) -> None:
+    from detectron2.modeling import build_model
+
+    torch.manual_seed(0)
+    # FPN_ACTIVATION is ours (the pin has no such option): compare the architecture both trees can build.
+    cfg = load_cfg(
+        SHAPES / config, "MODEL.QUANTIZATION.ENABLED", False, "MODEL.QUANTIZATION.FPN_ACTIVATION", ""
+    )
+    model = build_model(cfg).eval()
+    inputs = [{k: v for k, v in x.items() if k != "instances"} for x in shapes_batch(2)]
+    with torch.no_grad():
+        ours = [o["instances"].get_fields() for o in model(inputs)]
+    plain_cfg = cfg.clone()
+    plain_cfg.MODEL.pop("QUANTIZATION")
+    data = tmp_path / "data.pt"
+    torch.save({"cfg": plain_cfg.dump(), "state": model.state_dict(), "inputs": inputs}, data)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            UNPATCHED_FORWARD,
+            str(_pin_tree(tmp_path)),
+            str(data),
+            str(tmp_path / "out.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    theirs = torch.load(tmp_path / "out.pt", weights_only=False)
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs, strict=True):
+        assert set(a) == set(b)
+        for key in a:
+            tensor_a = a[key].tensor if hasattr(a[key], "tensor") else a[key]
+            tensor_b = b[key].tensor if hasattr(b[key], "tensor") else b[key]
+            assert torch.equal(tensor_a, tensor_b), f"{config}: {key} differs from the unpatched pin"
+
+
+RESUME = r"""
+import sys, torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.modeling import build_model
+from detectron2.solver import build_optimizer
+from detectron2.utils.events import EventStorage
+from tests.integration.d2_helpers import load_cfg, quantizer_state, shapes_batch
+cfg = load_cfg(sys.argv[1])
+model = build_model(cfg)
+optimizer = build_optimizer(cfg, model)
+checkpointer = DetectionCheckpointer(model, sys.argv[2], optimizer=optimizer)
+checkpointer.resume_or_load(sys.argv[3], resume=True)
+state = quantizer_state(model)
+model.train()
+torch.manual_seed(123)
+with EventStorage(2):
+    loss = sum(model(shapes_batch(2, seed=3)).values())
+torch.save({"state": state, "loss": loss.item()}, sys.argv[4])
+"""
+
+
+def test_resume_restores_every_quantizer_and_the_next_loss(patched_tree, tmp_path: Path) -> None:
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+    from detectron2.solver import build_optimizer
+    from detectron2.utils.events import EventStorage
+
+    # Faster R-CNN: RetinaNet's loss divides by an EMA of the positive-anchor count that upstream keeps as a
+    # plain attribute, outside the checkpoint, so its resumed loss differs from the uninterrupted one.
+    config = SHAPES / "faster_rcnn_R_18_FPN_lsq_w4a4.yaml"
+    cfg = load_cfg(config)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    optimizer = build_optimizer(cfg, model)
+    model.train()
+    with EventStorage(0) as storage:
+        for step in range(2):
+            storage.iter = step
+            loss = sum(model(shapes_batch(2, seed=step)).values())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    DetectionCheckpointer(model, str(tmp_path), optimizer=optimizer).save("model_0000001")
+    expected_state = quantizer_state(model)
+    torch.manual_seed(123)
+    with EventStorage(2):
+        expected_loss = sum(model(shapes_batch(2, seed=3)).values()).item()
+
+    # A new process ("kill and resume"): builds the model from the config, loads the checkpoint.
+    proc = subprocess.run(
+        [sys.executable, "-c", RESUME, str(config), str(tmp_path), str(tmp_path / "model_0000001.pth"),
+         str(tmp_path / "resumed.pt")],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = torch.load(tmp_path / "resumed.pt", weights_only=False)
+    assert set(resumed["state"]) == set(expected_state) and expected_state
+    for key, value in expected_state.items():
+        assert torch.equal(resumed["state"][key], value), key
+    assert resumed["loss"] == expected_loss
+
+
+def test_float_checkpoint_loads_into_quantized_model_and_steps_init_from_data(
+    patched_tree, tmp_path: Path
+) -> None:
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
+
+    float_model = build_model(load_cfg(SHAPES / "retinanet_R_18_FPN_fullbn_float.yaml"))
+    DetectionCheckpointer(float_model, str(tmp_path)).save("float")
+    cfg = load_cfg(
+        SHAPES / "retinanet_R_18_FPN_fullbn_lsq_w2a2.yaml", "MODEL.WEIGHTS", str(tmp_path / "float.pth")
+    )
+    model = build_model(cfg)
+    DetectionCheckpointer(model).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
+    for name, value in float_model.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), f"{name} did not load from the float checkpoint"
+    assert not any(bool(v) for k, v in quantizer_state(model).items() if k.endswith("initialized"))
+    model.train()
+    with EventStorage(0):
+        model(shapes_batch(2))
+    state = quantizer_state(model)
+    assert all(bool(v) for k, v in state.items() if k.endswith("initialized"))
+    steps = [v for k, v in state.items() if k.endswith(".step")]
+    assert steps and all(float(s.min()) > 0 for s in steps)
+
+
+def test_quantizer_parameters_get_their_own_optimizer_settings(patched_tree) -> None:
+    from detectron2.modeling import build_model
+    from detectron2.solver import build_optimizer
+
+    cfg = load_cfg(
+        SHAPES / "retinanet_R_18_FPN_fullbn_lsq_w4a4.yaml",
+        "SOLVER.WEIGHT_DECAY", 1e-4, "MODEL.QUANTIZATION.QUANTIZER_LR_FACTOR", 0.1,
+    )  # fmt: skip
+    model = build_model(cfg)
+    optimizer = build_optimizer(cfg, model)
+    steps = {id(p) for n, p in model.named_parameters() if n.endswith(".step")}
+    convs = {id(p) for n, p in model.named_parameters() if n.endswith("conv1.weight")}
+    assert steps and convs
+    for group in optimizer.param_groups:
+        ids = {id(p) for p in group["params"]}
+        if ids & steps:
+            assert ids <= steps
+            assert group["weight_decay"] == 0.0 and group["lr"] == pytest.approx(cfg.SOLVER.BASE_LR * 0.1)
+        if ids & convs:
+            assert group["weight_decay"] == 1e-4
+
+
+@pytest.mark.parametrize(
+    "opts, message",
+    [
+        # yacs itself rejects unknown keys (AssertionError from the command line, KeyError from a file).
+        (["MODEL.QUANTIZATION.WIEGHT.BITS", 4], "Non-existent key: MODEL.QUANTIZATION.WIEGHT.BITS"),
+        (
+            ["MODEL.QUANTIZATION.WEIGHT.BITS", 9],
+            r"MODEL.QUANTIZATION.WEIGHT.BITS: must be an integer in \[1, 8\]",
+        ),
+        (
+            ["MODEL.QUANTIZATION.WEIGHT.METHOD", "lqs"],
+            r"MODEL.QUANTIZATION.WEIGHT.METHOD: .*did you mean 'lsq'",
+        ),
+        (["MODEL.QUANTIZATION.RULES", [{"PATTERN": "head.cls_scroe", "SKIP": True}]], "head.cls_scroe"),
+        (
+            ["MODEL.QUANTIZATION.RULES", [{"PATERN": "head", "SKIP": True}]],
+            r"RULES\[0\]: unknown key 'PATERN'",
+        ),
+        (["MODEL.QUANTIZATION.ACTIVATION.OPTIONS", {"GRAD_SCAL": False}], "did you mean 'grad_scale'"),
+    ],
+)
+def test_bad_quantization_config_fails_before_training_naming_the_key(patched_tree, opts, message) -> None:
+    from detectron2.modeling import build_model
+
+    with pytest.raises((AssertionError, KeyError, ValueError), match=message):
+        build_model(load_cfg(SHAPES / "retinanet_R_18_FPN_fullbn_lsq_w4a4.yaml", *opts))
+
+
+def test_train_net_refuses_a_bad_config_before_training(patched_tree, tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "external/detectron2/tools/train_net.py"), "--config-file",
+         str(SHAPES / "retinanet_R_18_FPN_fullbn_lsq_w4a4.yaml"), "MODEL.WEIGHTS", "",
+         "MODEL.QUANTIZATION.RULES", "[{'PATTERN': 'head.no_such_layer', 'WEIGHT': {'BITS': 8}}]",
+         "OUTPUT_DIR", str(tmp_path)],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "MODEL.QUANTIZATION.RULES[0]" in proc.stderr and "head.no_such_layer" in proc.stderr
+    assert "Starting training" not in proc.stderr + proc.stdout
+
+
+DDP_WORKER = r"""
+import sys
+import torch
+from detectron2.engine import launch
+
+sys.path.insert(0, sys.argv[3])  # the repository root, for tests.integration.d2_helpers
+
+
+def main(config, out_dir):
+    from torch.nn.parallel import DistributedDataParallel
+    from detectron2.modeling import build_model
+    from detectron2.solver import build_optimizer
+    from detectron2.utils import comm
+    from detectron2.utils.events import EventStorage
+    from tests.integration.d2_helpers import load_cfg, quantizer_state, shapes_batch
+
+    torch.set_num_threads(1)
+    rank = comm.get_rank()
+    cfg = load_cfg(config)
+    torch.manual_seed(rank)  # different initial weights too: DDP must broadcast rank 0's
+    model = build_model(cfg)
+    ddp = DistributedDataParallel(model)  # CPU module: no device_ids
+    optimizer = build_optimizer(cfg, model)
+    model.train()
+    with EventStorage(0) as storage:
+        for step in range(3):
+            storage.iter = step
+            loss = sum(ddp(shapes_batch(2, seed=100 * rank + step)).values())  # each rank its own images
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            if step == 0:
+                torch.save(quantizer_state(model), f"{out_dir}/init{rank}.pt")
+    torch.save(quantizer_state(model), f"{out_dir}/rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    launch(main, 2, dist_url="auto", args=(sys.argv[1], sys.argv[2]))
+"""
+
+
+def test_ddp_two_gloo_processes_keep_quantizers_identical(patched_tree, tmp_path: Path) -> None:
+    config = SHAPES / "retinanet_R_18_FPN_fullbn_lsq_w4a4.yaml"
+    worker = tmp_path / "ddp_worker.py"  # a file: spawned workers re-import __main__ to find main()
+    worker.write_text(DDP_WORKER)
+    proc = subprocess.run(
+        [sys.executable, str(worker), str(config), str(tmp_path), str(ROOT)],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for stage in ("init", "rank"):
+        rank0 = torch.load(tmp_path / f"{stage}0.pt", weights_only=False)
+        rank1 = torch.load(tmp_path / f"{stage}1.pt", weights_only=False)
+        assert set(rank0) == set(rank1) and any(k.endswith(".step") for k in rank0)
+        for key in rank0:
+            assert torch.equal(rank0[key], rank1[key]), f"{stage}: {key} differs between ranks"
+    # The data differ per rank, so identical steps after the first batch mean the initial values were
+    # averaged across ranks, and the later steps agree because their gradients are.
+    init = torch.load(tmp_path / "init0.pt", weights_only=False)
+    final = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    assert any(not torch.equal(init[k], final[k]) for k in init if k.endswith(".step")), "steps did not train"
