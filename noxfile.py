@@ -122,6 +122,12 @@ def docker(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmarks, printed as tables: fake-quant kernels (bench/fake_quant.py); args after -- go to it."""
+    """Benchmarks, printed as tables: fake-quant kernels, QAT step time/memory (`-- qat_step --iters 50`)."""
     python = _build(session)
-    session.run(python, str(ROOT / "bench" / "fake_quant.py"), *session.posargs, external=True)
+    scripts = sorted(p.stem for p in (ROOT / "bench").glob("*.py") if not p.name.startswith("_"))
+    chosen, args = (session.posargs[:1], session.posargs[1:]) if session.posargs[:1] else (scripts, [])
+    for name in chosen:
+        if name not in scripts:
+            session.error(f"unknown benchmark {name!r}; known: {', '.join(scripts)}")
+        session.log(f"bench/{name}.py")
+        session.run(python, str(ROOT / "bench" / f"{name}.py"), *args, external=True)

@@ -7,6 +7,7 @@ matches something) and only then swaps modules, so a bad spec raises before the 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
@@ -192,9 +193,9 @@ def _prepare(
     else:  # QAdd: output quantized with the activation recipe, inputs optionally aligned through one quantizer
         weight_q = None
         activation_q.owner = f"{name} (output)"
-        recipe = (
-            plan.activation if spec.align_add_inputs else QuantizerRecipe(plan.activation.method, bits=None)
-        )
+        # Unaligned: an "off" input quantizer of the same recipe (a bare recipe would default to signed,
+        # which unsigned-only methods such as PACT reject).
+        recipe = plan.activation if spec.align_add_inputs else dataclasses.replace(plan.activation, bits=None)
         input_q = build_quantizer_from_recipe(recipe, "activation", owner=f"{name} (inputs)").to(device)
         quantizers = {"output_quantizer": activation_q, "input_quantizer": input_q}
         w_bits, granularity = "-", "-"

@@ -15,6 +15,7 @@ The schema mirrors the core spec in detectron2's upper-case style::
         FPN_ACTIVATION: ""     # "relu": ReLU after the FPN's lateral/output convs (FPN-BN with MODEL.FPN.NORM)
         QUANTIZER_LR_FACTOR: 1.0       # learning rate of quantizer parameters (steps, clips) x BASE_LR
         QUANTIZER_WEIGHT_DECAY: 0.0    # weight decay of quantizer parameters
+        BACKBONE_WEIGHTS: ""           # double-init: a quantized backbone checkpoint loaded over MODEL.WEIGHTS
 
 ``BITS`` is an integer 1..8, or 0 for "off" (full precision; yacs keeps one type per key). ``OPTIONS``
 holds the method's options (e.g. ``{GRAD_SCALE: False, INIT_BATCHES: 4}`` for LSQ). This module must not
@@ -58,6 +59,7 @@ def add_quantization_config(cfg) -> None:
     q.FPN_ACTIVATION = ""
     q.QUANTIZER_LR_FACTOR = 1.0
     q.QUANTIZER_WEIGHT_DECAY = 0.0
+    q.BACKBONE_WEIGHTS = ""
     cfg.MODEL.QUANTIZATION = q
 
 

@@ -6,7 +6,8 @@ included). Two steps, both no-ops under an unmodified config:
 1. architecture options that quantized models need, e.g. ``FPN_ACTIVATION: relu`` (FPN-BN: unsigned
    quantized activations need non-negative conv inputs, so the FPN's convs get a ReLU after their norm);
 2. with ``MODEL.QUANTIZATION.ENABLED``, :func:`model_quantization.convert` with the config's spec, in place,
-   and the conversion report in the log (also kept as ``model.quantization_report``).
+   and the conversion report in the log (also kept as ``model.quantization_report``);
+3. with ``BACKBONE_WEIGHTS``, the double-init hook (:mod:`.checkpoint`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..convert import convert
+from .checkpoint import attach_backbone_weights, load_backbone_weights
 from .config import _config_key_names, spec_from_cfg
 
 __all__ = ["apply_architecture_options", "quantize"]
@@ -85,4 +87,8 @@ def quantize(model: nn.Module, cfg) -> nn.Module:
         raise ValueError(_config_key_names(str(exc))) from None
     logger.info("Quantized %s as MODEL.QUANTIZATION says:\n%s", type(model).__name__, report)
     model.quantization_report = report
+    if cfg.MODEL.QUANTIZATION.BACKBONE_WEIGHTS:
+        attach_backbone_weights(model, cfg.MODEL.QUANTIZATION.BACKBONE_WEIGHTS)
+        if not cfg.MODEL.WEIGHTS:  # no detector checkpoint will be loaded to trigger it
+            load_backbone_weights(model, cfg.MODEL.QUANTIZATION.BACKBONE_WEIGHTS)
     return model

@@ -391,3 +391,57 @@ def test_ddp_two_gloo_processes_keep_quantizers_identical(patched_tree, tmp_path
     init = torch.load(tmp_path / "init0.pt", weights_only=False)
     final = torch.load(tmp_path / "rank0.pt", weights_only=False)
     assert any(not torch.equal(init[k], final[k]) for k in init if k.endswith(".step")), "steps did not train"
+
+
+def test_double_init_float_detector_then_quantized_backbone(patched_tree, tmp_path: Path) -> None:
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
+
+    config = SHAPES / "retinanet_R_18_FPN_fullbn_lsq_w2a2.yaml"
+    torch.manual_seed(1)
+    float_model = build_model(load_cfg(SHAPES / "retinanet_R_18_FPN_fullbn_float.yaml"))
+    DetectionCheckpointer(float_model, str(tmp_path)).save("float_detector")
+    # A "low-bit backbone": another quantized model, initialised from data, saved as a backbone state dict.
+    torch.manual_seed(2)
+    source = build_model(load_cfg(config))
+    source.train()
+    with EventStorage(0):
+        source(shapes_batch(2))
+    backbone_state = source.backbone.bottom_up.state_dict()
+    torch.save(backbone_state, tmp_path / "backbone_w2a2.pth")
+
+    cfg = load_cfg(
+        config,
+        "MODEL.WEIGHTS", str(tmp_path / "float_detector.pth"),
+        "MODEL.QUANTIZATION.BACKBONE_WEIGHTS", str(tmp_path / "backbone_w2a2.pth"),
+    )  # fmt: skip
+    model = build_model(cfg)
+    DetectionCheckpointer(model, str(tmp_path)).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
+    state = model.state_dict()
+    for key, value in backbone_state.items():
+        assert torch.equal(state[f"backbone.bottom_up.{key}"], value), key
+    for key, value in float_model.state_dict().items():
+        if not key.startswith("backbone.bottom_up."):
+            assert torch.equal(state[key], value), key
+    quantizers = quantizer_state(model)
+    assert all(
+        bool(v)
+        for k, v in quantizers.items()
+        if k.startswith("backbone.bottom_up") and k.endswith("initialized")
+    )
+    assert not any(
+        bool(v) for k, v in quantizers.items() if k.startswith("head") and k.endswith("initialized")
+    )
+
+    # Resuming a QAT checkpoint (it has the backbone's quantizer state) must not re-apply the backbone file.
+    trained = {k: v + 1 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    model.load_state_dict(trained, strict=False)
+    assert torch.equal(
+        model.state_dict()["backbone.bottom_up.stem.conv1.weight"],
+        trained["backbone.bottom_up.stem.conv1.weight"],
+    )
+
+    bad = load_cfg(config, "MODEL.QUANTIZATION.BACKBONE_WEIGHTS", str(tmp_path / "float_detector.pth"))
+    with pytest.raises(ValueError, match="BACKBONE_WEIGHTS=.*does not match the quantized backbone"):
+        build_model(bad)

@@ -296,3 +296,25 @@ def test_align_add_inputs_shares_one_quantizer_for_both_summands(seed):
     expected_in = [torch.clamp(torch.round(t / 0.25), -8, 7) * 0.25 for t in (a, b)]
     expected = torch.clamp(torch.round((expected_in[0] + expected_in[1]) / 0.5), -8, 7) * 0.5
     assert torch.equal(out, expected)
+
+
+def test_sums_convert_with_an_unsigned_only_activation_method():
+    """PACT (unsigned activations only) on a model with Add: the unaligned input quantizer must stay unsigned."""
+
+    class SumNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 2, 1)
+            self.add = Add()
+
+        def forward(self, x):
+            y = F.relu(self.conv(x))
+            return self.add(y, y)
+
+    model, report = convert(
+        SumNet(), {"weight": {"bits": 4}, "activation": {"method": "pact", "bits": 4, "signed": False}}
+    )
+    assert isinstance(model.add, QAdd) and not model.add.align_inputs
+    assert report["add"].method == "pact"
+    out = model(torch.rand(1, 2, 4, 4))
+    assert out.min() >= 0 and torch.isfinite(out).all()
