@@ -195,6 +195,19 @@ class Quantizer(nn.Module):
         """Fake-quantize ``x`` with the current state (subclasses implement)."""
         raise NotImplementedError
 
+    def compact(self, out: torch.Tensor) -> Any | None:
+        """An exact, smaller encoding of ``out``, a tensor this quantizer just produced, or None.
+
+        Autograd saves a quantized layer's quantized input for the weight gradient; storing it as integer
+        codes instead of floats saves memory. :meth:`expand` must reproduce ``out`` bit for bit. Methods
+        whose outputs are not ``code * scale (+ offset)`` keep the default (no compaction).
+        """
+        return None
+
+    def expand(self, packed: Any) -> torch.Tensor:
+        """Inverse of :meth:`compact`."""
+        raise NotImplementedError(f"{type(self).__name__} does not compact its outputs")
+
     # ----------------------------------------------------------------------------------- initialisation
 
     def check_input(self, x: torch.Tensor) -> None:

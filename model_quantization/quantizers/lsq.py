@@ -119,6 +119,22 @@ class LSQQuantizer(Quantizer):
             channel_axis=self._per_channel_axis(x),
         )
 
+    def compact(self, out: torch.Tensor) -> Any | None:
+        """``out`` as int8/uint8 codes plus the step (and offset): ``out == codes * step (+ offset)`` exactly."""
+        if self.bits is None or self.bits > 8 or self.granularity != "per_tensor":
+            return None
+        step = self.step.detach().to(out.dtype)
+        offset = None if self.offset is None else self.offset.detach().to(out.dtype)
+        levels = (out - offset) / step if offset is not None else out / step
+        codes = torch.round(levels).to(torch.int8 if self.qn > 0 else torch.uint8)
+        return codes, step.clone(), None if offset is None else offset.clone(), out.dtype
+
+    def expand(self, packed: Any) -> torch.Tensor:
+        codes, step, offset, dtype = packed
+        # The same float operations as the forward pass (q * s + b), hence the same bits.
+        out = codes.to(dtype) * step
+        return out + offset if offset is not None else out
+
     def repr_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {} if self.grad_scale else {"grad_scale": False}
         return options | ({"learnable_offset": True} if self.learnable_offset else {})

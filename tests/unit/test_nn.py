@@ -150,3 +150,52 @@ def test_shared_norm_checkpoint_loads_into_every_level(seed):
     # Its own per-level state dict round-trips as usual.
     again = PerLevelNorm.from_norm(nn.BatchNorm2d(3), 3)
     again.load_state_dict(per_level.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("signed, bits, offset", [(False, 4, False), (True, 2, False), (True, 8, True)])
+def test_lsq_compact_codes_expand_bit_identically(signed: bool, bits: int, offset: bool) -> None:
+    from model_quantization.quantizers import LSQQuantizer
+
+    torch.manual_seed(bits)
+    q = LSQQuantizer(bits, signed, role="activation", learnable_offset=offset)
+    x = torch.randn(2, 3, 5, 5) * 3 if signed else torch.rand(2, 3, 5, 5) * 3
+    if offset:
+        q.offset.data.fill_(0.37)
+    out = q(x)
+    codes, *_ = packed = q.compact(out.detach())
+    assert codes.dtype == (torch.int8 if signed else torch.uint8)
+    assert codes.element_size() * codes.numel() * 4 == out.element_size() * out.numel()
+    assert torch.equal(q.expand(packed), out.detach())
+
+
+def test_saved_quantized_input_is_compact_and_gradients_are_unchanged(monkeypatch) -> None:
+    """QConv2d keeps its quantized input as int8 codes for backward; gradients stay bit-identical."""
+    import contextlib
+
+    import model_quantization.nn.base as nn_base
+    from model_quantization import convert
+
+    expanded = []
+    original_expand = LSQQuantizer.expand
+
+    def counting_expand(self, packed):
+        expanded.append(packed[0].dtype)
+        return original_expand(self, packed)
+
+    monkeypatch.setattr(LSQQuantizer, "expand", counting_expand)
+
+    def grads() -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        spec = {"weight": {"bits": 4}, "activation": {"bits": 4, "signed": False}}
+        model, _ = convert(nn.Sequential(nn.Conv2d(4, 6, 3, padding=1)), spec)
+        x = torch.rand(2, 4, 8, 8, requires_grad=True)
+        model(x).square().sum().backward()
+        return [x.grad] + [p.grad for p in model.parameters()]
+
+    compact = grads()
+    assert expanded == [torch.uint8], "the conv's saved input was not stored as codes"
+    monkeypatch.setattr(nn_base, "_compact_saved_input", lambda quantizer, tensor: contextlib.nullcontext())
+    plain = grads()
+    assert len(expanded) == 1
+    for a, b in zip(compact, plain, strict=True):
+        assert torch.equal(a, b)
