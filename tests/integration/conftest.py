@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import importlib
-import json
-import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,26 +19,18 @@ HOW_TO_BUILD = (
 
 def _series_state(name: str) -> str | None:
     """Why external/<name> is not the built, patched tree of this checkout; None when it is."""
-    repo = ROOT / "external" / name
-    if not (repo / ".git").exists():
-        return f"external/{name} is not checked out"
-    git_dir = Path(
-        subprocess.run(
-            ["git", "rev-parse", "--absolute-git-dir"], cwd=repo, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    )
-    stamp_file = git_dir / "patch-series-stamp.json"
-    if not stamp_file.is_file():
-        return f"the patch series was never applied to external/{name}"
-    import sys
-
     sys.path.insert(0, str(ROOT / "tools"))
     try:
-        import patches
+        import patches  # tools/patches.py: the stamp format is its own
     finally:
         sys.path.pop(0)
     project = patches.Project(ROOT)
-    stamp = json.loads(stamp_file.read_text())
+    repo = project.submodule_path(name)
+    if not (repo / ".git").exists():
+        return f"external/{name} is not checked out"
+    stamp = patches.read_json(patches.git_dir(repo) / patches.STAMP_FILE)
+    if stamp is None:
+        return f"the patch series was never applied to external/{name}"
     if stamp.get("series") != project.series(name).digest() or stamp.get("pin") != project.pin(name):
         return f"external/{name} was patched from another version of patches/{name} or another pin"
     return None
