@@ -17,6 +17,7 @@ from torch import nn
 
 from model_quantization.nn import (
     QAdd,
+    QDynamicConv2d,
     QuantizedModule,
     QuantizedWeightModule,
     quantized_class,
@@ -174,7 +175,16 @@ def _prepare(
     activation_q = build_quantizer_from_recipe(plan.activation, "activation", owner=f"{name} (input)").to(
         device
     )
-    if issubclass(handler, QuantizedWeightModule):
+    if issubclass(handler, QDynamicConv2d):  # weights arrive with each call: no parameter to size by
+        if plan.weight.granularity == "per_channel":
+            raise ValueError(
+                f"module {name!r}: its weights are generated per call (e.g. CondInst's mask head); "
+                f"use granularity 'per_tensor' for it"
+            )
+        weight_q = build_quantizer_from_recipe(plan.weight, "weight", owner=f"{name} (weight)").to(device)
+        quantizers = {"weight_quantizer": weight_q, "input_quantizer": activation_q}
+        w_bits, granularity = weight_q.bits_label, weight_q.granularity if weight_q.enabled else "-"
+    elif issubclass(handler, QuantizedWeightModule):
         axis = handler.weight_channel_axis
         if plan.weight.granularity == "per_channel" and getattr(module, "groups", 1) != 1 and axis != 0:
             raise ValueError(
@@ -193,9 +203,14 @@ def _prepare(
     else:  # QAdd: output quantized with the activation recipe, inputs optionally aligned through one quantizer
         weight_q = None
         activation_q.owner = f"{name} (output)"
-        # Unaligned: an "off" input quantizer of the same recipe (a bare recipe would default to signed,
-        # which unsigned-only methods such as PACT reject).
-        recipe = plan.activation if spec.align_add_inputs else dataclasses.replace(plan.activation, bits=None)
+        # Unaligned: an "off" input quantizer of the same method and signedness (a bare recipe would
+        # default to signed, which unsigned-only methods such as PACT reject), without bit-dependent
+        # options (LQ-Net's ternary needs bits=2).
+        recipe = (
+            plan.activation
+            if spec.align_add_inputs
+            else dataclasses.replace(plan.activation, bits=None, options={})
+        )
         input_q = build_quantizer_from_recipe(recipe, "activation", owner=f"{name} (inputs)").to(device)
         quantizers = {"output_quantizer": activation_q, "input_quantizer": input_q}
         w_bits, granularity = "-", "-"

@@ -12,12 +12,15 @@ included). Two steps, both no-ops under an unmodified config:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch.nn.functional as F
 from torch import nn
 
 from ..convert import convert
+from ..nn import DynamicConv2d
+from ..spec import QuantSpec, Rule
 from .checkpoint import attach_backbone_weights, load_backbone_weights
 from .config import _config_key_names, spec_from_cfg
 
@@ -71,6 +74,16 @@ def apply_architecture_options(model: nn.Module, cfg) -> list[str]:
     return sorted(changed)
 
 
+def _skip_generated_weight_convs(model: nn.Module, spec: QuantSpec) -> QuantSpec:
+    """GENERATED_WEIGHTS: False keeps convs with call-time weights (CondInst's mask head) in float."""
+    names = [name for name, m in model.named_modules() if isinstance(m, DynamicConv2d)]
+    if not names:
+        raise ValueError(
+            "MODEL.QUANTIZATION.GENERATED_WEIGHTS is False, but the model has no generated-weight convs"
+        )
+    return dataclasses.replace(spec, rules=(*spec.rules, *(Rule(pattern=n, skip=True) for n in names)))
+
+
 def quantize(model: nn.Module, cfg) -> nn.Module:
     """Apply the architecture options and, when enabled, quantize ``model`` in place as ``cfg`` says."""
     relu_convs = apply_architecture_options(model, cfg)
@@ -81,6 +94,8 @@ def quantize(model: nn.Module, cfg) -> nn.Module:
     if not cfg.MODEL.QUANTIZATION.ENABLED:
         return model
     spec = spec_from_cfg(cfg)
+    if not cfg.MODEL.QUANTIZATION.GENERATED_WEIGHTS:
+        spec = _skip_generated_weight_convs(model, spec)
     try:
         model, report = convert(model, spec, inplace=True)
     except ValueError as exc:  # e.g. a rule that matches no module: name the config key

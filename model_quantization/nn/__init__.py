@@ -12,15 +12,18 @@ from model_quantization.nn.base import (
     quantized_module_for,
     register_quantized_module,
 )
+from model_quantization.nn.dynamic import DynamicConv2d, QDynamicConv2d
 from model_quantization.nn.layers import QConv2d, QConvTranspose2d, QLinear
 from model_quantization.nn.norm import PerLevelNorm, select_level
 
 __all__ = [
     "Add",
+    "DynamicConv2d",
     "PerLevelNorm",
     "QAdd",
     "QConv2d",
     "QConvTranspose2d",
+    "QDynamicConv2d",
     "QLinear",
     "QuantizedModule",
     "QuantizedWeightModule",

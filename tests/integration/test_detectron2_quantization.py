@@ -16,12 +16,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from .d2_helpers import CONFIG_DIR, ROOT, config_files, load_cfg, quantizer_state, shapes_batch
+from .d2_helpers import (
+    CONFIG_DIR,
+    ROOT,
+    assert_nothing_silently_float,
+    config_files,
+    load_cfg,
+    quantizer_state,
+    shapes_batch,
+)
 
 pytestmark = pytest.mark.integration
 
 SHAPES = CONFIG_DIR / "shapes"
-QUANTIZABLE = ("Conv2d", "ConvTranspose2d", "Linear", "Add")
 
 
 @pytest.mark.parametrize("path", config_files(), ids=lambda p: str(p.relative_to(CONFIG_DIR)))
@@ -33,19 +40,7 @@ def test_every_config_builds_and_leaves_nothing_silently_float(patched_tree, pat
     if not cfg.MODEL.QUANTIZATION.ENABLED:
         assert not hasattr(model, "quantization_report")
         return
-    report = model.quantization_report
-    quantized = {row["name"]: row for row in report.rows()}
-    float_reasons = {row.name: row.reason for row in report.left_float}
-    for name, module in model.named_modules():
-        kinds = [c.__name__ for c in type(module).__mro__]
-        if not any(k in QUANTIZABLE for k in kinds):
-            continue
-        if name in quantized:
-            continue
-        reason = float_reasons.get(name, "")
-        assert reason.startswith("skipped by rule"), (
-            f"{path.name}: {name} ({kinds[0]}) left float: {reason!r}"
-        )
+    quantized = assert_nothing_silently_float(model, path.name)
     # the configured bit widths are the ones in the model
     wbits = cfg.MODEL.QUANTIZATION.WEIGHT.BITS
     convs = [r for r in quantized.values() if r["type"] == "Conv2d" and not r["rules"].strip("-")]

@@ -199,3 +199,36 @@ def test_saved_quantized_input_is_compact_and_gradients_are_unchanged(monkeypatc
     assert len(expanded) == 1
     for a, b in zip(compact, plain, strict=True):
         assert torch.equal(a, b)
+
+
+def test_dynamic_conv_quantizes_generated_weights_and_input() -> None:
+    """CondInst-style call-time weights pass a weight quantizer (they would stay float with F.conv2d)."""
+    from model_quantization import convert
+    from model_quantization.nn import DynamicConv2d, QDynamicConv2d
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.controller = nn.Linear(3, 2 * 4 * 4)
+            self.dynamic = DynamicConv2d()
+
+        def forward(self, x, code):
+            weight = self.controller(code).reshape(2 * 4, 4, 1, 1)  # 2 instances x 4 filters
+            return self.dynamic(x, weight, None, groups=2)
+
+    torch.manual_seed(0)
+    model, report = convert(Head(), {"weight": {"bits": 2}, "activation": {"bits": 4, "signed": True}})
+    assert isinstance(model.dynamic, QDynamicConv2d) and report["dynamic"].w_bits == "2"
+    x, code = torch.randn(1, 8, 5, 5), torch.randn(3)
+    out = model(x, code)
+    weight = model.controller(code).reshape(8, 4, 1, 1)
+    levels = torch.unique(
+        model.dynamic.weight_quantizer(weight).detach() / model.dynamic.weight_quantizer.step
+    )
+    assert len(levels) <= 4, "2-bit generated weights take at most 4 levels"
+    expected = F.conv2d(model.dynamic.input_quantizer(x), model.dynamic.weight_quantizer(weight), groups=2)
+    assert torch.equal(out, expected)
+    out.sum().backward()
+    assert model.controller.weight.grad is not None and model.dynamic.weight_quantizer.step.grad is not None
+    with pytest.raises(ValueError, match="generated per call"):
+        convert(Head(), {"weight": {"bits": 2, "granularity": "per_channel"}, "activation": {"bits": 4}})
