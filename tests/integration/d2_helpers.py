@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
 from pathlib import Path
 
 import torch
@@ -88,3 +94,79 @@ def quantizer_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             for key, value in module.state_dict().items():
                 state[f"{name}.{key}"] = value.detach().clone()
     return state
+
+
+def pin_tree(tmp_path: Path, name: str, package: str) -> Path:
+    """The Python package of external/<name> at its pin, unpatched, plus the build's compiled extension.
+
+    The extension comes from the patched build: our patches change only how its C++ is spelled for torch
+    2.x, not what it computes. Put the returned directory first on sys.path to import the unpatched code.
+    """
+    repo = ROOT / "external" / name
+    pin = subprocess.run(
+        ["git", "ls-files", "--stage", f"external/{name}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()[1]
+    archive = subprocess.run(
+        ["git", "archive", pin, package], cwd=repo, capture_output=True, check=True
+    ).stdout
+    target = tmp_path / f"pin-{name}"
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(target, filter="data")
+    for so in (repo / package).glob("_C*.so"):
+        shutil.copy2(so, target / package / so.name)
+    return target
+
+
+#: Run in a subprocess with the *unpatched* trees first on sys.path (argv: data file, output file, trees):
+#: build the float model of the given config, load the given weights, save the predictions.
+UNPATCHED_FORWARD = r"""
+import sys, torch
+sys.path[:0] = sys.argv[3:]
+import detectron2
+assert detectron2.__file__.startswith(sys.argv[3]), detectron2.__file__
+data = torch.load(sys.argv[1], weights_only=False)
+# AdelaiDet adds its keys to detectron2's global defaults on import; once the test process has imported it,
+# every dumped config carries them, so the unpatched side imports it too.
+import adet
+assert adet.__file__.startswith(sys.argv[4]), adet.__file__
+from adet.config import get_cfg
+from detectron2.modeling import build_model
+cfg = get_cfg()
+assert "QUANTIZATION" not in cfg.MODEL, "this must be the unpatched tree"
+cfg.merge_from_other_cfg(cfg.load_cfg(data["cfg"]))
+model = build_model(cfg).eval()
+model.load_state_dict(data["state"])
+with torch.no_grad():
+    out = model(data["inputs"])
+torch.save([{k: v for k, v in o["instances"].get_fields().items()} for o in out], sys.argv[2])
+"""
+
+
+def assert_same_as_unpatched(tmp_path: Path, cfg, model, inputs) -> None:
+    """`model` (quantization off, patched trees) predicts exactly what the unpatched pins predict."""
+    with torch.no_grad():
+        ours = [o["instances"].get_fields() for o in model(inputs)]
+    plain_cfg = cfg.clone()
+    plain_cfg.MODEL.pop("QUANTIZATION")
+    data = tmp_path / "data.pt"
+    torch.save({"cfg": plain_cfg.dump(), "state": model.state_dict(), "inputs": inputs}, data)
+    trees = [pin_tree(tmp_path, "detectron2", "detectron2"), pin_tree(tmp_path, "AdelaiDet", "adet")]
+    proc = subprocess.run(
+        [sys.executable, "-c", UNPATCHED_FORWARD, str(data), str(tmp_path / "out.pt"), *map(str, trees)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    theirs = torch.load(tmp_path / "out.pt", weights_only=False)
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs, strict=True):
+        assert set(a) == set(b)
+        for key in a:
+            tensor_a = a[key].tensor if hasattr(a[key], "tensor") else a[key]
+            tensor_b = b[key].tensor if hasattr(b[key], "tensor") else b[key]
+            assert torch.equal(tensor_a, tensor_b), f"{key} differs from the unpatched pin"

@@ -15,6 +15,7 @@ from .d2_helpers import (
     ADET_CONFIG_DIR,
     ROOT,
     assert_nothing_silently_float,
+    assert_same_as_unpatched,
     config_files,
     load_cfg,
     quantizer_state,
@@ -186,3 +187,19 @@ def test_condinst_generated_weights_switch(patched_tree) -> None:
     assert not any(r.type == "DynamicConv2d" for r in report.quantized)
     skipped = {row.name: row.reason for row in report.left_float if "dynamic_convs" in row.name}
     assert len(skipped) == 3 and all(reason.startswith("skipped by rule") for reason in skipped.values())
+
+
+@pytest.mark.parametrize("config", ["fcos_R_18_FPN_fullbn_float.yaml", "Base-CondInst-R18-FullBN.yaml"])
+def test_quantization_off_is_identical_to_the_unpatched_pins(
+    patched_tree, tmp_path: Path, config: str
+) -> None:
+    from detectron2.modeling import build_model
+
+    torch.manual_seed(0)
+    # FPN_ACTIVATION is ours (the pins have no such option): compare the architecture both trees can build.
+    cfg = load_cfg(
+        SHAPES / config, "MODEL.QUANTIZATION.ENABLED", False, "MODEL.QUANTIZATION.FPN_ACTIVATION", ""
+    )
+    model = build_model(cfg).eval()
+    inputs = [{k: v for k, v in x.items() if k != "instances"} for x in shapes_batch(2)]
+    assert_same_as_unpatched(tmp_path, cfg, model, inputs)

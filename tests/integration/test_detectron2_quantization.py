@@ -3,14 +3,11 @@ float equivalence with the unpatched pin, checkpoint resume, bad configs."""
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -20,6 +17,7 @@ from .d2_helpers import (
     CONFIG_DIR,
     ROOT,
     assert_nothing_silently_float,
+    assert_same_as_unpatched,
     config_files,
     load_cfg,
     quantizer_state,
@@ -89,46 +87,6 @@ def test_quantized_detectors_train_and_evaluate_with_coco(
     assert initialised and all(bool(state[k]) for k in initialised), "a quantizer was never initialised"
 
 
-def _pin_tree(tmp_path: Path) -> Path:
-    """detectron2 at the pin, unpatched, with the compiled extension of the build (C++ is not patched)."""
-    repo = ROOT / "external" / "detectron2"
-    pin = subprocess.run(
-        ["git", "ls-files", "--stage", "external/detectron2"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()[1]
-    archive = subprocess.run(
-        ["git", "archive", pin, "detectron2"], cwd=repo, capture_output=True, check=True
-    ).stdout
-    target = tmp_path / "pin"
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(target, filter="data")
-    for so in (repo / "detectron2").glob("_C*.so"):
-        shutil.copy2(so, target / "detectron2" / so.name)
-    return target
-
-
-UNPATCHED_FORWARD = r"""
-import sys, torch
-sys.path.insert(0, sys.argv[1])
-import detectron2
-assert detectron2.__file__.startswith(sys.argv[1]), detectron2.__file__
-from detectron2.config import get_cfg
-from detectron2.modeling import build_model
-data = torch.load(sys.argv[2], weights_only=False)
-cfg = get_cfg()
-assert "QUANTIZATION" not in cfg.MODEL, "this must be the unpatched tree"
-cfg.merge_from_other_cfg(cfg.load_cfg(data["cfg"]))
-model = build_model(cfg).eval()
-model.load_state_dict(data["state"])
-with torch.no_grad():
-    out = model(data["inputs"])
-torch.save([{k: v for k, v in o["instances"].get_fields().items()} for o in out], sys.argv[3])
-"""
-
-
 @pytest.mark.parametrize(
     "config", ["retinanet_R_18_FPN_fullbn_float.yaml", "faster_rcnn_R_18_FPN_lsq_w4a4.yaml"]
 )
@@ -144,34 +102,7 @@ def test_quantization_off_is_identical_to_the_unpatched_pin(
     )
     model = build_model(cfg).eval()
     inputs = [{k: v for k, v in x.items() if k != "instances"} for x in shapes_batch(2)]
-    with torch.no_grad():
-        ours = [o["instances"].get_fields() for o in model(inputs)]
-    plain_cfg = cfg.clone()
-    plain_cfg.MODEL.pop("QUANTIZATION")
-    data = tmp_path / "data.pt"
-    torch.save({"cfg": plain_cfg.dump(), "state": model.state_dict(), "inputs": inputs}, data)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            UNPATCHED_FORWARD,
-            str(_pin_tree(tmp_path)),
-            str(data),
-            str(tmp_path / "out.pt"),
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    theirs = torch.load(tmp_path / "out.pt", weights_only=False)
-    assert len(ours) == len(theirs)
-    for a, b in zip(ours, theirs, strict=True):
-        assert set(a) == set(b)
-        for key in a:
-            tensor_a = a[key].tensor if hasattr(a[key], "tensor") else a[key]
-            tensor_b = b[key].tensor if hasattr(b[key], "tensor") else b[key]
-            assert torch.equal(tensor_a, tensor_b), f"{config}: {key} differs from the unpatched pin"
+    assert_same_as_unpatched(tmp_path, cfg, model, inputs)
 
 
 RESUME = r"""
