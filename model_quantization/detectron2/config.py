@@ -17,6 +17,7 @@ The schema mirrors the core spec in detectron2's upper-case style::
         QUANTIZER_WEIGHT_DECAY: 0.0    # weight decay of quantizer parameters
         BACKBONE_WEIGHTS: ""           # double-init: a quantized backbone checkpoint loaded over MODEL.WEIGHTS
         GENERATED_WEIGHTS: True        # quantize call-time weights too (CondInst's dynamic mask head)
+        SCOPE: "all"                   # "backbone": heads of the meta-architecture stay float (heads.py)
 
 ``BITS`` is an integer 1..8, or 0 for "off" (full precision; yacs keeps one type per key). ``OPTIONS``
 holds the method's options (e.g. ``{GRAD_SCALE: False, INIT_BATCHES: 4}`` for LSQ). This module must not
@@ -62,6 +63,7 @@ def add_quantization_config(cfg) -> None:
     q.QUANTIZER_WEIGHT_DECAY = 0.0
     q.BACKBONE_WEIGHTS = ""
     q.GENERATED_WEIGHTS = True
+    q.SCOPE = "all"
     cfg.MODEL.QUANTIZATION = q
 
 

@@ -23,6 +23,7 @@ from ..nn import DynamicConv2d
 from ..spec import QuantSpec, Rule
 from .checkpoint import attach_backbone_weights, load_backbone_weights
 from .config import _config_key_names, spec_from_cfg
+from .heads import head_skip_rules
 
 __all__ = ["apply_architecture_options", "quantize"]
 
@@ -96,6 +97,9 @@ def quantize(model: nn.Module, cfg) -> nn.Module:
     spec = spec_from_cfg(cfg)
     if not cfg.MODEL.QUANTIZATION.GENERATED_WEIGHTS:
         spec = _skip_generated_weight_convs(model, spec)
+    head_rules = head_skip_rules(model, cfg.MODEL.QUANTIZATION.SCOPE)
+    if head_rules:
+        spec = dataclasses.replace(spec, rules=(*spec.rules, *head_rules))
     try:
         model, report = convert(model, spec, inplace=True)
     except ValueError as exc:  # e.g. a rule that matches no module: name the config key

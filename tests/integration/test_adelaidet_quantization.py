@@ -203,3 +203,35 @@ def test_quantization_off_is_identical_to_the_unpatched_pins(
     model = build_model(cfg).eval()
     inputs = [{k: v for k, v in x.items() if k != "instances"} for x in shapes_batch(2)]
     assert_same_as_unpatched(tmp_path, cfg, model, inputs)
+
+
+@pytest.mark.parametrize(
+    "config, heads",
+    [
+        ("fcos_R_18_FPN_fullbn_lsq_w4a4.yaml", {"proposal_generator"}),
+        (
+            "blendmask_R_18_FPN_fullbn_lsq_w2a2.yaml",
+            {"proposal_generator", "basis_module", "top_layer"},
+        ),
+        (
+            "condinst_R_18_FPN_fullbn_lsq_w4a4.yaml",
+            {"proposal_generator", "mask_branch", "mask_head", "controller"},
+        ),
+    ],
+)
+def test_scope_backbone_keeps_each_architectures_heads_float(
+    patched_tree, config: str, heads: set[str]
+) -> None:
+    from detectron2.modeling import build_model
+
+    # CondInst's own rule for the mask head would contradict the scope's skip of mask_head: drop rules.
+    opts = ["MODEL.QUANTIZATION.SCOPE", "backbone", "MODEL.QUANTIZATION.RULES", []]
+    report = build_model(load_cfg(SHAPES / config, *opts)).quantization_report
+    quantized_roots = {row.name.split(".")[0] for row in report.quantized}
+    assert quantized_roots == {"backbone"}
+    float_roots = {
+        row.name.split(".")[0] for row in report.left_float if row.reason.startswith("skipped by rule")
+    }
+    assert heads <= float_roots
+    with pytest.raises(ValueError, match="MODEL.QUANTIZATION.SCOPE: unknown scope 'backbnoe'"):
+        build_model(load_cfg(SHAPES / config, "MODEL.QUANTIZATION.SCOPE", "backbnoe"))
