@@ -170,3 +170,63 @@ def assert_same_as_unpatched(tmp_path: Path, cfg, model, inputs) -> None:
             tensor_a = a[key].tensor if hasattr(a[key], "tensor") else a[key]
             tensor_b = b[key].tensor if hasattr(b[key], "tensor") else b[key]
             assert torch.equal(tensor_a, tensor_b), f"{key} differs from the unpatched pin"
+
+
+#: Run in a new process ("kill and resume"): build the model from the config, load the checkpoint with
+#: the optimizer, report the quantizer state and the loss of the next batch.
+RESUME = r"""
+import sys, torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.modeling import build_model
+from detectron2.solver import build_optimizer
+from detectron2.utils.events import EventStorage
+from tests.integration.d2_helpers import load_cfg, quantizer_state, shapes_batch
+cfg = load_cfg(sys.argv[1])
+model = build_model(cfg)
+optimizer = build_optimizer(cfg, model)
+DetectionCheckpointer(model, sys.argv[2], optimizer=optimizer).resume_or_load(sys.argv[3], resume=True)
+state = quantizer_state(model)
+model.train()
+torch.manual_seed(123)
+with EventStorage(2):
+    loss = sum(model(shapes_batch(2, seed=3)).values())
+torch.save({"state": state, "loss": loss.item()}, sys.argv[4])
+"""
+
+
+def assert_resume_is_exact(tmp_path: Path, config: Path) -> None:
+    """Train 2 steps, checkpoint, resume in a new process: same quantizer state, same next loss (bitwise)."""
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+    from detectron2.solver import build_optimizer
+    from detectron2.utils.events import EventStorage
+
+    cfg = load_cfg(config)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    optimizer = build_optimizer(cfg, model)
+    model.train()
+    with EventStorage(0) as storage:
+        for step in range(2):
+            storage.iter = step
+            loss = sum(model(shapes_batch(2, seed=step)).values())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    DetectionCheckpointer(model, str(tmp_path), optimizer=optimizer).save("model_0000001")
+    expected_state = quantizer_state(model)
+    torch.manual_seed(123)
+    with EventStorage(2):
+        expected_loss = sum(model(shapes_batch(2, seed=3)).values()).item()
+
+    proc = subprocess.run(
+        [sys.executable, "-c", RESUME, str(config), str(tmp_path), str(tmp_path / "model_0000001.pth"),
+         str(tmp_path / "resumed.pt")],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = torch.load(tmp_path / "resumed.pt", weights_only=False)
+    assert set(resumed["state"]) == set(expected_state) and expected_state
+    for key, value in expected_state.items():
+        assert torch.equal(resumed["state"][key], value), key
+    assert resumed["loss"] == expected_loss

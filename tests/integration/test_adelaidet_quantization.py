@@ -13,8 +13,8 @@ import torch
 
 from .d2_helpers import (
     ADET_CONFIG_DIR,
-    ROOT,
     assert_nothing_silently_float,
+    assert_resume_is_exact,
     assert_same_as_unpatched,
     config_files,
     load_cfg,
@@ -116,62 +116,8 @@ def test_adelaidet_and_detectron2_configs_coexist_in_either_import_order(patched
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
 
 
-RESUME = r"""
-import sys, torch
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.modeling import build_model
-from detectron2.solver import build_optimizer
-from detectron2.utils.events import EventStorage
-from tests.integration.d2_helpers import load_cfg, quantizer_state, shapes_batch
-cfg = load_cfg(sys.argv[1])
-model = build_model(cfg)
-optimizer = build_optimizer(cfg, model)
-DetectionCheckpointer(model, sys.argv[2], optimizer=optimizer).resume_or_load(sys.argv[3], resume=True)
-state = quantizer_state(model)
-model.train()
-torch.manual_seed(123)
-with EventStorage(2):
-    loss = sum(model(shapes_batch(2, seed=3)).values())
-torch.save({"state": state, "loss": loss.item()}, sys.argv[4])
-"""
-
-
 def test_fcos_resume_restores_every_quantizer_and_the_next_loss(patched_tree, tmp_path: Path) -> None:
-    from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.modeling import build_model
-    from detectron2.solver import build_optimizer
-    from detectron2.utils.events import EventStorage
-
-    config = SHAPES / "fcos_R_18_FPN_fullbn_lsq_w2a2.yaml"
-    cfg = load_cfg(config)
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    optimizer = build_optimizer(cfg, model)
-    model.train()
-    with EventStorage(0) as storage:
-        for step in range(2):
-            storage.iter = step
-            loss = sum(model(shapes_batch(2, seed=step)).values())
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    DetectionCheckpointer(model, str(tmp_path), optimizer=optimizer).save("model_0000001")
-    expected_state = quantizer_state(model)
-    torch.manual_seed(123)
-    with EventStorage(2):
-        expected_loss = sum(model(shapes_batch(2, seed=3)).values()).item()
-
-    proc = subprocess.run(
-        [sys.executable, "-c", RESUME, str(config), str(tmp_path), str(tmp_path / "model_0000001.pth"),
-         str(tmp_path / "resumed.pt")],
-        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    resumed = torch.load(tmp_path / "resumed.pt", weights_only=False)
-    assert set(resumed["state"]) == set(expected_state) and expected_state
-    for key, value in expected_state.items():
-        assert torch.equal(resumed["state"][key], value), key
-    assert resumed["loss"] == expected_loss
+    assert_resume_is_exact(tmp_path, SHAPES / "fcos_R_18_FPN_fullbn_lsq_w2a2.yaml")
 
 
 def test_condinst_generated_weights_switch(patched_tree) -> None:

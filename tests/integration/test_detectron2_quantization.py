@@ -17,6 +17,7 @@ from .d2_helpers import (
     CONFIG_DIR,
     ROOT,
     assert_nothing_silently_float,
+    assert_resume_is_exact,
     assert_same_as_unpatched,
     config_files,
     load_cfg,
@@ -105,66 +106,10 @@ def test_quantization_off_is_identical_to_the_unpatched_pin(
     assert_same_as_unpatched(tmp_path, cfg, model, inputs)
 
 
-RESUME = r"""
-import sys, torch
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.modeling import build_model
-from detectron2.solver import build_optimizer
-from detectron2.utils.events import EventStorage
-from tests.integration.d2_helpers import load_cfg, quantizer_state, shapes_batch
-cfg = load_cfg(sys.argv[1])
-model = build_model(cfg)
-optimizer = build_optimizer(cfg, model)
-checkpointer = DetectionCheckpointer(model, sys.argv[2], optimizer=optimizer)
-checkpointer.resume_or_load(sys.argv[3], resume=True)
-state = quantizer_state(model)
-model.train()
-torch.manual_seed(123)
-with EventStorage(2):
-    loss = sum(model(shapes_batch(2, seed=3)).values())
-torch.save({"state": state, "loss": loss.item()}, sys.argv[4])
-"""
-
-
 def test_resume_restores_every_quantizer_and_the_next_loss(patched_tree, tmp_path: Path) -> None:
-    from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.modeling import build_model
-    from detectron2.solver import build_optimizer
-    from detectron2.utils.events import EventStorage
-
     # Faster R-CNN: RetinaNet's loss divides by an EMA of the positive-anchor count that upstream keeps as a
     # plain attribute, outside the checkpoint, so its resumed loss differs from the uninterrupted one.
-    config = SHAPES / "faster_rcnn_R_18_FPN_lsq_w4a4.yaml"
-    cfg = load_cfg(config)
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    optimizer = build_optimizer(cfg, model)
-    model.train()
-    with EventStorage(0) as storage:
-        for step in range(2):
-            storage.iter = step
-            loss = sum(model(shapes_batch(2, seed=step)).values())
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    DetectionCheckpointer(model, str(tmp_path), optimizer=optimizer).save("model_0000001")
-    expected_state = quantizer_state(model)
-    torch.manual_seed(123)
-    with EventStorage(2):
-        expected_loss = sum(model(shapes_batch(2, seed=3)).values()).item()
-
-    # A new process ("kill and resume"): builds the model from the config, loads the checkpoint.
-    proc = subprocess.run(
-        [sys.executable, "-c", RESUME, str(config), str(tmp_path), str(tmp_path / "model_0000001.pth"),
-         str(tmp_path / "resumed.pt")],
-        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    resumed = torch.load(tmp_path / "resumed.pt", weights_only=False)
-    assert set(resumed["state"]) == set(expected_state) and expected_state
-    for key, value in expected_state.items():
-        assert torch.equal(resumed["state"][key], value), key
-    assert resumed["loss"] == expected_loss
+    assert_resume_is_exact(tmp_path, SHAPES / "faster_rcnn_R_18_FPN_lsq_w4a4.yaml")
 
 
 def test_float_checkpoint_loads_into_quantized_model_and_steps_init_from_data(
