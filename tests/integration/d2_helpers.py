@@ -146,8 +146,19 @@ torch.save([{k: v for k, v in o["instances"].get_fields().items()} for o in out]
 """
 
 
-def assert_same_as_unpatched(tmp_path: Path, cfg, model, inputs) -> None:
-    """`model` (quantization off, patched trees) predicts exactly what the unpatched pins predict."""
+def assert_same_as_unpatched(tmp_path: Path, config: Path) -> None:
+    """With quantization off, the patched trees predict exactly what the unpatched pins predict.
+
+    Builds the model of `config` (random weights, seed 0), runs it on two shapes images, then builds the
+    same architecture with the pins' code in a subprocess, loads the same weights and compares.
+    """
+    from detectron2.modeling import build_model
+
+    torch.manual_seed(0)
+    # FPN_ACTIVATION is ours (the pins have no such option): compare the architecture both trees can build.
+    cfg = load_cfg(config, "MODEL.QUANTIZATION.ENABLED", False, "MODEL.QUANTIZATION.FPN_ACTIVATION", "")
+    model = build_model(cfg).eval()
+    inputs = [{k: v for k, v in x.items() if k != "instances"} for x in shapes_batch(2)]
     with torch.no_grad():
         ours = [o["instances"].get_fields() for o in model(inputs)]
     plain_cfg = cfg.clone()
