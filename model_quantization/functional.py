@@ -326,13 +326,11 @@ def lsq_fake_quant_reference(
     if channel_axis is not None and channel_axis < 0:
         channel_axis += x.dim()
     s = _broadcastable(scale_grad(step, grad_scale), x.dim(), channel_axis)
-    v = x / s
-    if offset is not None:
-        b = _broadcastable(scale_grad(offset, grad_scale), x.dim(), channel_axis)
-        v = (x - b) / s
+    b = None if offset is None else _broadcastable(scale_grad(offset, grad_scale), x.dim(), channel_axis)
+    v = x / s if b is None else (x - b) / s
     v = v.clamp(-qn, qp)  # clamp's gradient is 1 on the closed range, like the analytic mask
     q = sign_ste(v, clip=None) if sign_grid else round_ste(v)
-    return q * s + b if offset is not None else q * s
+    return q * s if b is None else q * s + b
 
 
 # --------------------------------------------------------------------------------------------------------

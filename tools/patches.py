@@ -408,7 +408,7 @@ def _format_patches(repo: Path, base: str, out_dir: Path) -> list[Path]:
     return result
 
 
-def export_series(project: Project, name: str, quiet: bool = False) -> list[str]:
+def export_series(project: Project, name: str) -> list[str]:
     """Regenerate patches/<name> from the commits between the upstream ref and HEAD. Returns the series."""
     repo = project.submodule(name)
     series_dir = project.patches_dir / name
@@ -418,7 +418,7 @@ def export_series(project: Project, name: str, quiet: bool = False) -> list[str]
         raise PatchError(
             f"external/{name}: upstream base {base} is missing; run `nox -s patches -- apply {name}`"
         )
-    if tracked_changes(repo) and not quiet:
+    if tracked_changes(repo):
         print(f"warning: external/{name} has uncommitted changes; only commits are exported")
     with tempfile.TemporaryDirectory() as tmp:
         fresh = _format_patches(repo, base, Path(tmp))
@@ -440,11 +440,10 @@ def export_series(project: Project, name: str, quiet: bool = False) -> list[str]
         series_file.write_text(series_text, encoding="utf-8")
         changed.append("series")
     dropped = [e for e in old.entries if e not in new_entries]
-    if not quiet:
-        summary = f"rewrote {', '.join(changed)}" if changed else "byte-identical, nothing changed"
-        print(f"patches/{name}: exported {len(new_entries)} patch(es); {summary}")
-        if dropped:
-            print(f"patches/{name}: no longer in the series: {', '.join(dropped)}")
+    summary = f"rewrote {', '.join(changed)}" if changed else "byte-identical, nothing changed"
+    print(f"patches/{name}: exported {len(new_entries)} patch(es); {summary}")
+    if dropped:
+        print(f"patches/{name}: no longer in the series: {', '.join(dropped)}")
     # Record the exported state so that a following `apply` recognises HEAD as the series.
     stamp_path = git_dir(repo) / STAMP_FILE
     head = git_out(repo, "rev-parse", "HEAD")

@@ -84,6 +84,18 @@ def assert_nothing_silently_float(model: torch.nn.Module, label: str) -> dict[st
     return quantized
 
 
+def build_and_check(path: Path):
+    """Build the model of config `path`; return (cfg, model, quantized rows), rows None when disabled."""
+    from detectron2.modeling import build_model
+
+    cfg = load_cfg(path)
+    model = build_model(cfg)
+    if not cfg.MODEL.QUANTIZATION.ENABLED:
+        assert not hasattr(model, "quantization_report"), f"{path.name}: quantized with ENABLED False"
+        return cfg, model, None
+    return cfg, model, assert_nothing_silently_float(model, path.name)
+
+
 def quantizer_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer that belongs to a quantizer, by qualified name."""
     from model_quantization.quantizers import Quantizer

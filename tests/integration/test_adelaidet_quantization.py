@@ -12,9 +12,9 @@ import pytest
 
 from .d2_helpers import (
     ADET_CONFIG_DIR,
-    assert_nothing_silently_float,
     assert_resume_is_exact,
     assert_same_as_unpatched,
+    build_and_check,
     config_files,
     load_cfg,
     quantizer_state,
@@ -29,14 +29,9 @@ SHAPES = ADET_CONFIG_DIR / "shapes"
     "path", config_files(ADET_CONFIG_DIR), ids=lambda p: str(p.relative_to(ADET_CONFIG_DIR))
 )
 def test_every_adelaidet_config_builds_and_leaves_nothing_silently_float(patched_tree, path: Path) -> None:
-    from detectron2.modeling import build_model
-
-    cfg = load_cfg(path)
-    model = build_model(cfg)
-    if not cfg.MODEL.QUANTIZATION.ENABLED:
-        assert not hasattr(model, "quantization_report")
+    cfg, _, quantized = build_and_check(path)
+    if quantized is None:
         return
-    quantized = assert_nothing_silently_float(model, path.name)
     if cfg.MODEL.META_ARCHITECTURE == "CondInst":
         dynamic = [r for r in quantized.values() if r["type"] == "DynamicConv2d"]
         assert len(dynamic) == cfg.MODEL.CONDINST.MASK_HEAD.NUM_LAYERS, (

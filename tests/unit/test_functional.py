@@ -58,29 +58,22 @@ def test_lsq_kernel_equals_eager_and_reference(seed, kernels, case):
     if case.endswith("offset"):
         params.append(torch.tensor(rng.uniform(-0.5, 0.5)))
 
-    def fn(t, s, *offset):
-        return F.lsq_fake_quant(
-            t,
-            s,
-            qn,
-            qp,
-            sign_grid=bits == 1,
-            grad_scale=0.37,
-            offset=offset[0] if offset else None,
-            channel_axis=axis,
-        )
+    def bind(function):
+        def call(t, s, *offset):
+            return function(
+                t,
+                s,
+                qn,
+                qp,
+                sign_grid=bits == 1,
+                grad_scale=0.37,
+                offset=offset[0] if offset else None,
+                channel_axis=axis,
+            )
 
-    def ref(t, s, *offset):
-        return F.lsq_fake_quant_reference(
-            t,
-            s,
-            qn,
-            qp,
-            sign_grid=bits == 1,
-            grad_scale=0.37,
-            offset=offset[0] if offset else None,
-            channel_axis=axis,
-        )
+        return call
+
+    fn, ref = bind(F.lsq_fake_quant), bind(F.lsq_fake_quant_reference)
 
     fast = _run(fn, x, params, grad, "auto")
     eager = _run(fn, x, params, grad, "eager")
