@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from model_quantization.nn import (
-    QAdd,
     QDynamicConv2d,
     QuantizedModule,
+    QuantizedSumModule,
     QuantizedWeightModule,
     quantized_class,
     quantized_module_for,
@@ -200,7 +200,7 @@ def _prepare(
         ).to(device)
         quantizers = {"weight_quantizer": weight_q, "input_quantizer": activation_q}
         w_bits, granularity = weight_q.bits_label, weight_q.granularity if weight_q.enabled else "-"
-    else:  # QAdd: output quantized with the activation recipe, inputs optionally aligned through one quantizer
+    else:  # QAdd/QWeightedAdd: output quantized with the activation recipe, inputs optionally aligned
         weight_q = None
         activation_q.owner = f"{name} (output)"
         # Unaligned: an "off" input quantizer of the same method and signedness (a bare recipe would
@@ -232,10 +232,11 @@ def convert(
 ) -> ConversionResult:
     """Swap every quantizable module of ``model`` for its quantized version as ``spec`` says.
 
-    Quantizable: ``nn.Conv2d``, ``nn.ConvTranspose2d``, ``nn.Linear``, :class:`~model_quantization.nn.Add`
-    and their subclasses (see :func:`~model_quantization.nn.register_quantized_module` for more). Weight
-    modules get an input (activation) and a weight quantizer; ``Add`` gets an output quantizer and, with
-    ``align_add_inputs``, one shared quantizer for both summands.
+    Quantizable: ``nn.Conv2d``, ``nn.ConvTranspose2d``, ``nn.Linear``, :class:`~model_quantization.nn.Add`,
+    :class:`~model_quantization.nn.WeightedAdd`, :class:`~model_quantization.nn.DynamicConv2d` and their
+    subclasses (see :func:`~model_quantization.nn.register_quantized_module` for more). Weight modules get
+    an input (activation) and a weight quantizer; sums (``Add``, ``WeightedAdd``) get an output quantizer
+    and, with ``align_add_inputs``, one shared quantizer for all summands.
 
     Args:
         model: a float model.
@@ -281,7 +282,9 @@ def convert(
         used_rules.update(plan.rules)
         if plan.skip_rule is not None:
             left_float.append(FloatRow(name, type_name, f"skipped by rule {plan.skip_rule!r}"))
-        elif plan.activation.bits is None and (issubclass(handler, QAdd) or plan.weight.bits is None):
+        elif plan.activation.bits is None and (
+            issubclass(handler, QuantizedSumModule) or plan.weight.bits is None
+        ):
             reason = f"all bits 'off' (rules: {', '.join(plan.rules) or 'defaults'})"
             left_float.append(FloatRow(name, type_name, reason))
         else:

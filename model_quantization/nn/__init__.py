@@ -4,7 +4,7 @@ See :mod:`model_quantization.nn.base` for how conversion keeps the float module'
 parameter names.
 """
 
-from model_quantization.nn.add import Add, QAdd
+from model_quantization.nn.add import Add, QAdd, QuantizedSumModule, QWeightedAdd, WeightedAdd
 from model_quantization.nn.base import (
     QuantizedModule,
     QuantizedWeightModule,
@@ -25,8 +25,11 @@ __all__ = [
     "QConvTranspose2d",
     "QDynamicConv2d",
     "QLinear",
+    "QWeightedAdd",
     "QuantizedModule",
+    "QuantizedSumModule",
     "QuantizedWeightModule",
+    "WeightedAdd",
     "quantized_class",
     "quantized_module_for",
     "register_quantized_module",
