@@ -4,7 +4,8 @@ Called by the patched ``detectron2.modeling.build_model`` for every meta-archite
 included). Two steps, both no-ops under an unmodified config:
 
 1. architecture options that quantized models need, e.g. ``FPN_ACTIVATION: relu`` (FPN-BN: unsigned
-   quantized activations need non-negative conv inputs, so the FPN's convs get a ReLU after their norm);
+   quantized activations need non-negative conv inputs, so the FPN's convs get a ReLU after their norm;
+   other FPN-like necks, e.g. AdelaiDet's BiFPN, are registered in :data:`FPN_CONVS`);
 2. with ``MODEL.QUANTIZATION.ENABLED``, :func:`model_quantization.convert` with the config's spec, in place,
    and the conversion report in the log (also kept as ``model.quantization_report``);
 3. with ``BACKBONE_WEIGHTS``, the double-init hook (:mod:`.checkpoint`).
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 
 import torch.nn.functional as F
 from torch import nn
@@ -25,9 +27,14 @@ from .checkpoint import attach_backbone_weights, load_backbone_weights
 from .config import _config_key_names, spec_from_cfg
 from .heads import head_skip_rules
 
-__all__ = ["apply_architecture_options", "quantize"]
+__all__ = ["FPN_CONVS", "apply_architecture_options", "quantize"]
 
 logger = logging.getLogger(__name__)
+
+#: FPN-like necks other than detectron2's ``FPN``, by class name: a function that returns the convs whose
+#: outputs ``FPN_ACTIVATION`` rectifies. Integrations register theirs (``model_quantization.adelaidet``:
+#: AdelaiDet's ``BiFPN``) without this module importing them.
+FPN_CONVS: dict[str, Callable[[nn.Module], list[nn.Module]]] = {}
 
 
 class ConvReLU(nn.Conv2d):
@@ -48,8 +55,16 @@ def _relu_after(conv: nn.Module) -> None:
         raise TypeError(f"FPN_ACTIVATION: cannot add a ReLU after {type(conv).__name__}")
 
 
+def _fpn_convs(fpn: nn.Module) -> list[nn.Module]:
+    convs = [*fpn.lateral_convs, *fpn.output_convs]
+    # Extra levels (RetinaNet's P6/P7, FCOS's P6/P7): their outputs feed the heads too.
+    if fpn.top_block is not None:
+        convs += [c for c in fpn.top_block.modules() if isinstance(c, nn.Conv2d)]
+    return convs
+
+
 def apply_architecture_options(model: nn.Module, cfg) -> list[str]:
-    """Apply ``MODEL.QUANTIZATION.FPN_ACTIVATION`` to every detectron2 FPN in ``model``.
+    """Apply ``MODEL.QUANTIZATION.FPN_ACTIVATION`` to every detectron2 FPN (and :data:`FPN_CONVS` neck).
 
     Returns the qualified names of the convs that got a ReLU.
     """
@@ -57,21 +72,26 @@ def apply_architecture_options(model: nn.Module, cfg) -> list[str]:
         return []
     from detectron2.modeling.backbone import FPN
 
+    from .. import adelaidet  # noqa: F401  (registers AdelaiDet's BiFPN)
+
     changed = []
     for name, module in model.named_modules():
-        if not isinstance(module, FPN):
+        if isinstance(module, FPN):
+            found = _fpn_convs(module)
+        elif type(module).__name__ in FPN_CONVS:
+            found = FPN_CONVS[type(module).__name__](module)
+        else:
             continue
-        convs = {id(c): c for c in [*module.lateral_convs, *module.output_convs]}
-        # Extra levels (RetinaNet's P6/P7, FCOS's P6/P7): their outputs feed the heads too.
-        top_block = module.top_block
-        if top_block is not None:
-            convs.update({id(c): c for c in top_block.modules() if isinstance(c, nn.Conv2d)})
+        convs = {id(c): c for c in found}
         names = {id(m): f"{name}.{n}" if name else n for n, m in module.named_modules()}
         for conv in convs.values():
             _relu_after(conv)
             changed.append(names[id(conv)])
     if not changed:
-        raise ValueError("MODEL.QUANTIZATION.FPN_ACTIVATION is set, but the model has no FPN")
+        raise ValueError(
+            f"MODEL.QUANTIZATION.FPN_ACTIVATION is set, but the model has no FPN "
+            f"(known: detectron2's FPN, {', '.join(sorted(FPN_CONVS))})"
+        )
     return sorted(changed)
 
 
