@@ -16,7 +16,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = ROOT / "configs" / "detectron2"
 ADET_CONFIG_DIR = ROOT / "configs" / "AdelaiDet"
-QUANTIZABLE = ("Conv2d", "ConvTranspose2d", "Linear", "Add", "DynamicConv2d")
+QUANTIZABLE = ("Conv2d", "ConvTranspose2d", "Linear", "Add", "WeightedAdd", "DynamicConv2d")
 
 
 def config_files(directory: Path = CONFIG_DIR) -> list[Path]:

@@ -1,4 +1,5 @@
-"""Quantized AdelaiDet models (FCOS, BlendMask, CondInst) through the patched tree."""
+"""Quantized AdelaiDet models (FCOS, BlendMask, CondInst; BiFPN, DLA, VoVNet, MobileNetV2, ResNet-LPF
+backbones) through the patched tree."""
 
 from __future__ import annotations
 
@@ -9,15 +10,18 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from .d2_helpers import (
     ADET_CONFIG_DIR,
+    assert_nothing_silently_float,
     assert_resume_is_exact,
     assert_same_as_unpatched,
     build_and_check,
     config_files,
     load_cfg,
     quantizer_state,
+    shapes_batch,
 )
 
 pytestmark = pytest.mark.integration
@@ -165,3 +169,115 @@ def test_scope_backbone_keeps_each_architectures_heads_float(
     assert heads <= float_roots
     with pytest.raises(ValueError, match="MODEL.QUANTIZATION.SCOPE: unknown scope 'backbnoe'"):
         build_model(load_cfg(SHAPES / config, "MODEL.QUANTIZATION.SCOPE", "backbnoe"))
+
+
+BIFPN = SHAPES / "condinst_R_18_BiFPN_lsq_w4a4.yaml"
+
+
+def _fusions(model) -> list[str]:
+    from model_quantization.nn import WeightedAdd
+
+    return [name for name, m in model.named_modules() if isinstance(m, WeightedAdd)]
+
+
+def test_bifpn_condinst_quantizes_every_fusion_and_trains(patched_tree) -> None:
+    from detectron2.modeling import build_model
+    from detectron2.solver import build_optimizer
+    from detectron2.utils.events import EventStorage
+
+    cfg = load_cfg(BIFPN)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    quantized = assert_nothing_silently_float(model, BIFPN.name)
+    # 5 levels (res3-res5, P6, P7): 8 fused nodes per repeat, each with its WeightedAdd, output conv, weights
+    fusions = _fusions(model)
+    assert len(fusions) == 8 * cfg.MODEL.BiFPN.NUM_REPEATS
+    assert all(quantized[name]["type"] == "WeightedAdd" for name in fusions)
+    assert all(quantized[name.replace("fusion_", "outputs_")]["a_bits"] == "4" for name in fusions)
+    # FPN_ACTIVATION reached every BiFPN conv and the P6 reduction: no BiFPN activation needs a rule
+    convs = [m for m in model.backbone.repeated_bifpn.modules() if isinstance(m, torch.nn.Conv2d)]
+    convs.append(model.backbone.bottom_up.res6.reduction)  # P6 from res5; P7 is a max pool of it
+    assert all(conv.activation is torch.nn.functional.relu for conv in convs)
+    assert not any(row["rules"] for name, row in quantized.items() if ".repeated_bifpn." in name)
+    weights = {n: p for n, p in model.named_parameters() if ".weights_f" in n}
+    assert len(weights) == len(fusions)
+    before = {n: p.detach().clone() for n, p in weights.items()}
+
+    optimizer = build_optimizer(cfg, model)
+    model.train()
+    with EventStorage(0) as storage:
+        for step in range(2):
+            storage.iter = step
+            loss = sum(model(shapes_batch(2, seed=step, with_masks=True)).values())
+            assert torch.isfinite(loss)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    assert all(not torch.equal(p, before[n]) for n, p in weights.items()), "fusion weights did not train"
+    flags = {k: bool(v) for k, v in quantizer_state(model).items() if k.endswith("initialized")}
+    fusion_flags = [k for k in flags if ".fusion_f" in k]
+    assert fusion_flags and all(flags[k] for k in fusion_flags)
+    assert all(flags.values()), [k for k, v in flags.items() if not v]
+
+
+def test_bifpn_without_fpn_activation_needs_signed_quantizers(patched_tree) -> None:
+    """Upstream's BiFPN (no ReLU after its convs) has signed activations: the noact config signs them;
+    unsigned quantizers there stop the first batch with an error that names the module."""
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
+
+    config = SHAPES / "condinst_R_18_BiFPN_noact_lsq_w4a4.yaml"
+    batch = shapes_batch(2, with_masks=True)
+    torch.manual_seed(0)
+    model = build_model(load_cfg(config)).train()
+    quantized = assert_nothing_silently_float(model, config.name)
+    signed = {n for n, row in quantized.items() if "backbone.repeated_bifpn" in row["rules"]}
+    assert set(_fusions(model)) <= signed
+    with EventStorage(0):
+        assert torch.isfinite(sum(model(batch).values()))
+
+    cfg = load_cfg(config)
+    cfg.MODEL.QUANTIZATION.RULES = [r for r in cfg.MODEL.QUANTIZATION.RULES if "bifpn" not in r["PATTERN"]]
+    model = build_model(cfg).train()
+    with (
+        pytest.raises(ValueError, match=r"'backbone\.repeated_bifpn\.0\.\S+ \(\w+\)' is unsigned"),
+        EventStorage(0),
+    ):
+        model(batch)
+
+
+def test_bifpn_with_quantization_off_is_identical_to_the_unpatched_pins(patched_tree, tmp_path) -> None:
+    assert_same_as_unpatched(tmp_path, SHAPES / "Base-CondInst-R18-BiFPN.yaml")
+
+
+@pytest.mark.parametrize(
+    "config, residual_sums",
+    [
+        ("fcos_DLA_34_FPN_lsq_w4a4.yaml", 12),  # DLA-34's blocks (its roots have no residual)
+        ("fcos_V_39_eSE_FPN_lsq_w4a4.yaml", 2),  # the second OSA module of stages 4 and 5
+        ("fcos_MNV2_FPN_lsq_w4a4.yaml", 10),  # the stride-1, same-width inverted residuals
+        ("fcos_R_50_LPF_FPN_lsq_w4a4.yaml", 16),  # every bottleneck
+    ],
+)
+def test_adelaidet_backbones_quantize_every_residual_sum_and_match_the_pins_when_off(
+    patched_tree, tmp_path: Path, config: str, residual_sums: int
+) -> None:
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
+
+    from model_quantization.nn import Add
+
+    torch.manual_seed(0)
+    model = build_model(load_cfg(SHAPES / config))
+    quantized = assert_nothing_silently_float(model, config)
+    sums = [
+        f"backbone.bottom_up.{n}" for n, m in model.backbone.bottom_up.named_modules() if isinstance(m, Add)
+    ]
+    assert len(sums) == residual_sums and all(n.endswith("residual_add") for n in sums)
+    assert all(quantized[n]["type"] == "Add" for n in sums)
+    model.train()
+    with EventStorage(0):
+        assert torch.isfinite(sum(model(shapes_batch(2)).values()))
+    flags = {k: bool(v) for k, v in quantizer_state(model).items() if k.endswith("initialized")}
+    assert flags and all(flags.values()), [k for k, v in flags.items() if not v]
+    assert_same_as_unpatched(tmp_path, SHAPES / config)
