@@ -19,6 +19,8 @@ from ..data.shapes import CLASS_NAMES, DEFAULT_CACHE, ShapesSpec, materialize
 DEFAULT_SPLITS: dict[str, ShapesSpec] = {
     "shapes_train": ShapesSpec(num_images=2000, seed=0),
     "shapes_val": ShapesSpec(num_images=200, seed=1),
+    # The first 40 images of shapes_val (same seed): the demo's --quick evaluation.
+    "shapes_quick_val": ShapesSpec(num_images=40, seed=1),
     "shapes_tiny_train": ShapesSpec(num_images=24, seed=2),
     "shapes_tiny_val": ShapesSpec(num_images=12, seed=3),
 }
