@@ -44,6 +44,13 @@ def test(session: nox.Session) -> None:
 
 
 @nox.session
+def demo(session: nox.Session) -> None:
+    """The main job: float vs LSQ 4/3/2-bit RetinaNet + FCOS on shapes, table + plots (`-- --quick`, `-- --full`)."""
+    python = _build(session)
+    session.run(python, "-m", "model_quantization.demo", *session.posargs, external=True)
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     """ruff (lint + format check), `patches check` (re-export, fail on any diff), hadolint on docker/Dockerfile."""
     python = _build(session)

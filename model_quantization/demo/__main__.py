@@ -1,0 +1,193 @@
+"""``python -m model_quantization.demo`` (what ``nox -s demo`` runs): float vs LSQ 4/3/2-bit detectors.
+
+Trains a float RetinaNet R-18 and FCOS R-18 on the embedded shapes dataset, fine-tunes LSQ 4-, 3- and
+2-bit versions of each from the float weights, evaluates all with COCOEvaluator and writes, under the
+output directory: ``results.md`` / ``results.json`` (the table), ``ap_vs_bits.png``, ``loss_curves.png``,
+``log.txt`` (detectron2's full log) and ``runs/<model>/<variant>/`` (weights, metrics, config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .plan import MODELS, MODES, ROOT, Mode, Variant, variants
+from .report import markdown_table, plot_ap_vs_bits, plot_loss_curves, write_table
+from .run import PhaseResult, run_variant
+
+logger = logging.getLogger("model_quantization.demo")
+
+#: Seconds per iteration assumed before a phase of the kind has been measured (2 CPU cores, 128 px):
+#: float training, and QAT relative to float.
+PRIOR_FLOAT_SECONDS_PER_ITER = 0.2
+PRIOR_QAT_OVER_FLOAT = 1.3
+PRIOR_EVAL_SECONDS = 8.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="nox -s demo --", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument(
+        "--quick",
+        action="store_const",
+        dest="mode",
+        const="quick",
+        help="smoke run, under 3 minutes on 2 CPU cores (numbers are not meaningful)",
+    )
+    size.add_argument(
+        "--full",
+        action="store_const",
+        dest="mode",
+        const="full",
+        help="the COCO recipes of configs/*/coco (needs a GPU and COCO under $DETECTRON2_DATASETS)",
+    )
+    parser.set_defaults(mode="default")
+    parser.add_argument(
+        "--output-dir", type=Path, default=None, help="where results go (default: output/demo/<mode>)"
+    )
+    parser.add_argument(
+        "--models",
+        default=",".join(MODELS),
+        help=f"comma-separated subset of {','.join(MODELS)} (default: all)",
+    )
+    parser.add_argument(
+        "--retrain-float",
+        action="store_true",
+        help="train the float models again even when a run with the same config hash is cached",
+    )
+    return parser.parse_args(argv)  # fmt: skip
+
+
+def _setup_logging(output_dir: Path) -> None:
+    """detectron2's full log goes to ``log.txt``; the console gets the demo's phase lines and
+    detectron2's periodic training lines."""
+    from detectron2.utils.logger import setup_logger
+
+    log_file = output_dir / "log.txt"
+    for name in ("detectron2", "adet", "fvcore", "model_quantization", "d2"):
+        setup_logger(output=str(log_file), name=name, abbrev_name=name, configure_stdout=False)
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(logging.Formatter("[%(asctime)s %(name)s] %(message)s", "%H:%M:%S"))
+    for name in ("model_quantization.demo", "detectron2.utils.events"):
+        logging.getLogger(name).addHandler(console)
+
+
+def _clock(seconds: float) -> str:
+    seconds = max(int(round(seconds)), 0)
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class Progress:
+    """The one-line-per-phase progress with an ETA from the speeds measured so far."""
+
+    def __init__(self, plan: list[Variant], mode: Mode) -> None:
+        self.plan = plan
+        self.mode = mode
+        self.start = time.perf_counter()
+        self.float_speed = PRIOR_FLOAT_SECONDS_PER_ITER
+        self.qat_speed = PRIOR_FLOAT_SECONDS_PER_ITER * PRIOR_QAT_OVER_FLOAT
+        self.eval_seconds = PRIOR_EVAL_SECONDS
+        self.float_measured = self.qat_measured = False
+
+    def _estimate(self, variant: Variant) -> float:
+        iterations = self.mode.float_iters if variant.is_float else self.mode.quant_iters
+        speed = self.float_speed if variant.is_float else self.qat_speed
+        return (iterations or 0) * speed + self.eval_seconds
+
+    def begin(self, index: int, variant: Variant) -> None:
+        elapsed = time.perf_counter() - self.start
+        remaining = sum(self._estimate(v) for v in self.plan[index:])
+        iterations = self.mode.float_iters if variant.is_float else self.mode.quant_iters
+        what = "train from scratch" if variant.is_float else f"fine-tune from {variant.parent}"
+        length = f"{iterations} it" if iterations else "config schedule"
+        eta = f", ETA {_clock(remaining)}" if self.mode.float_iters else ""
+        logger.info(f"[demo {index + 1}/{len(self.plan)}] {variant.model} {variant.bits_label}: {what} "
+                    f"({length}) | elapsed {_clock(elapsed)}{eta}")  # fmt: skip
+
+    def done(self, variant: Variant, result: PhaseResult) -> None:
+        if result.cached:
+            logger.info(f"    reused the cached float run ({result.config_hash}): AP {result.AP:.1f}")
+            return
+        if variant.is_float:
+            self.float_speed = result.seconds_per_iter
+            if not self.qat_measured:
+                self.qat_speed = result.seconds_per_iter * PRIOR_QAT_OVER_FLOAT
+            self.float_measured = True
+        else:
+            self.qat_speed = result.seconds_per_iter
+            self.qat_measured = True
+        self.eval_seconds = result.eval_seconds
+        logger.info(f"    AP {result.AP:.1f} (AP50 {result.AP50:.1f}), {result.seconds_per_iter:.3f} s/iter, "
+                    f"train {_clock(result.train_seconds)}, eval {_clock(result.eval_seconds)}")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    mode = MODES[args.mode]
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    plan = variants(mode, models)
+    output_dir = (args.output_dir or ROOT / "output" / "demo" / mode.name).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _setup_logging(output_dir)
+
+    import model_quantization.detectron2  # noqa: F401  (registers the shapes splits)
+
+    if mode.family == "coco":
+        _check_full_inputs(plan, mode)
+    progress = Progress(plan, mode)
+    logger.info(f"demo ({mode.name}): {len(plan)} runs; results in {output_dir}")
+    results: dict[str, PhaseResult] = {}
+    for index, variant in enumerate(plan):
+        progress.begin(index, variant)
+        parent = None
+        if variant.parent is not None:
+            parent = str(output_dir / "runs" / variant.parent / "model_final.pth")
+        result = run_variant(variant, mode, output_dir, parent, reuse_float=not args.retrain_float)
+        results[variant.key] = result
+        progress.done(variant, result)
+
+    rows = list(results.values())
+    wall = time.perf_counter() - progress.start
+    dataset = mode.test_dataset or "the config's test set"
+    md, js = write_table(rows, output_dir, {"mode": mode.name, "wall_seconds": round(wall, 1),
+                                            "test_dataset": dataset})  # fmt: skip
+    plot_ap_vs_bits(rows, output_dir / "ap_vs_bits.png", dataset)
+    plot_loss_curves(rows, output_dir / "runs", output_dir / "loss_curves.png")
+    print("\n" + markdown_table(rows))
+    logger.info(
+        f"done in {_clock(wall)}: {md.name}, {js.name}, ap_vs_bits.png, loss_curves.png in {output_dir}"
+    )
+    return 0
+
+
+def _check_full_inputs(plan: list[Variant], mode: Mode) -> None:
+    """``--full`` reads COCO from detectron2's dataset root and ImageNet backbone weights from the float
+    configs' ``MODEL.WEIGHTS``; fail before training, naming every missing file."""
+    import os
+
+    from .run import build_cfg
+
+    root = Path(os.environ.get("DETECTRON2_DATASETS", "datasets"))
+    missing = [
+        f"{path} (COCO 2017; set DETECTRON2_DATASETS to the folder holding coco/, see detectron2's "
+        "datasets/README.md)"
+        for path in (root / "coco" / "annotations" / "instances_train2017.json", root / "coco" / "train2017")
+        if not path.exists()
+    ]
+    for variant in plan:
+        if not variant.is_float:
+            continue
+        weights = build_cfg(variant, mode, None, Path("unused")).MODEL.WEIGHTS
+        if weights and "://" not in weights and not Path(weights).exists():
+            missing.append(f"{weights} (MODEL.WEIGHTS of {variant.config}: the ImageNet R-18 backbone)")
+    if missing:
+        raise SystemExit("--full cannot start; missing:\n  " + "\n  ".join(missing))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""The demo's outputs: the result table (Markdown, JSON) and the plots (AP vs bits, loss curves)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .run import PhaseResult
+
+__all__ = ["markdown_table", "plot_ap_vs_bits", "plot_loss_curves", "read_loss_curve", "write_table"]
+
+COLUMNS = ("model", "bits W/A", "AP", "AP50", "AP75", "ΔAP", "iterations", "s/iter", "size MB")
+
+
+def _rows(results: list[PhaseResult]) -> list[list[str]]:
+    float_ap = {r.model: r.AP for r in results if r.weight_bits == 32}
+    rows = []
+    for r in results:
+        delta = "" if r.weight_bits == 32 or r.model not in float_ap else f"{r.AP - float_ap[r.model]:+.1f}"
+        iterations = f"{r.iterations} (cached)" if r.cached else str(r.iterations)
+        rows.append(
+            [
+                r.model, r.bits, f"{r.AP:.1f}", f"{r.AP50:.1f}", f"{r.AP75:.1f}", delta, iterations,
+                f"{r.seconds_per_iter:.3f}", f"{r.size_mb:.2f}",
+            ]
+        )  # fmt: skip
+    return rows
+
+
+def markdown_table(results: list[PhaseResult]) -> str:
+    """GitHub Markdown table; ΔAP is against the float model the row was fine-tuned from."""
+    right = {"AP", "AP50", "AP75", "ΔAP", "iterations", "s/iter", "size MB"}
+    lines = [
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "|".join("---:" if c in right else "---" for c in COLUMNS) + "|",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in _rows(results)]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(results: list[PhaseResult], output_dir: Path, extra: dict | None = None) -> tuple[Path, Path]:
+    """Write ``results.md`` and ``results.json`` (rows plus `extra`, e.g. mode and wall time)."""
+    md = output_dir / "results.md"
+    js = output_dir / "results.json"
+    md.write_text(markdown_table(results))
+    js.write_text(json.dumps({**(extra or {}), "rows": [r.to_json() for r in results]}, indent=2) + "\n")
+    return md, js
+
+
+def read_loss_curve(run_dir: Path) -> tuple[list[int], list[float]]:
+    """(iteration, total_loss) pairs from a run's ``metrics.json`` (one JSON object per line)."""
+    iterations, losses = [], []
+    metrics = run_dir / "metrics.json"
+    if not metrics.is_file():
+        return iterations, losses
+    for line in metrics.read_text().splitlines():
+        record = json.loads(line)
+        if "total_loss" in record:
+            iterations.append(int(record["iteration"]) + 1)
+            losses.append(float(record["total_loss"]))
+    return iterations, losses
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on a server or in CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_ap_vs_bits(results: list[PhaseResult], path: Path, dataset: str) -> Path:
+    """AP against weight/activation bits, one line per model, the float AP as a dashed reference."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    models = list(dict.fromkeys(r.model for r in results))
+    for index, model in enumerate(models):
+        color = f"C{index}"
+        rows = [r for r in results if r.model == model]
+        quantized = sorted((r for r in rows if r.weight_bits != 32), key=lambda r: r.weight_bits)
+        ax.plot([r.weight_bits for r in quantized], [r.AP for r in quantized], "o-", color=color,
+                label=f"{model} LSQ")  # fmt: skip
+        for r in rows:
+            if r.weight_bits == 32:
+                ax.axhline(r.AP, color=color, linestyle="--", label=f"{model} float ({r.AP:.1f})")
+    ax.set_xlabel("bits (weights / activations)")
+    ax.set_ylabel(f"box AP ({dataset})")
+    ax.set_xticks(sorted({r.weight_bits for r in results if r.weight_bits != 32}))
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("Accuracy vs bit width")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_loss_curves(results: list[PhaseResult], runs_dir: Path, path: Path) -> Path:
+    """Training loss per model: the float run, then each fine-tune continuing from its last iteration."""
+    plt = _pyplot()
+    models = list(dict.fromkeys(r.model for r in results))
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        rows = [r for r in results if r.model == model]
+        offset = next((r.iterations for r in rows if r.weight_bits == 32), 0)
+        for index, r in enumerate(rows):
+            iterations, losses = read_loss_curve(runs_dir / r.key)
+            shift = 0 if r.weight_bits == 32 else offset
+            ax.plot([i + shift for i in iterations], losses, color=f"C{index}", label=r.bits, linewidth=1.2)
+        ax.set_title(model)
+        ax.set_xlabel("iteration (fine-tunes start from the float run's end)")
+        ax.set_ylabel("total loss")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

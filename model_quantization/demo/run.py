@@ -1,0 +1,187 @@
+"""Train and evaluate one demo variant with detectron2's trainer; cache float runs by config hash."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..footprint import parameter_megabytes
+from .plan import ROOT, Mode, Variant
+
+__all__ = ["CACHE_VERSION", "PhaseResult", "build_cfg", "config_hash", "run_variant"]
+
+logger = logging.getLogger("model_quantization.demo")
+
+#: Bump when the way a float run is produced changes in a way its config does not show.
+CACHE_VERSION = 1
+METRICS = ("AP", "AP50", "AP75")
+
+
+@dataclass
+class PhaseResult:
+    """What one variant measured. Written as ``result.json`` next to its weights."""
+
+    key: str
+    model: str
+    bits: str
+    weight_bits: int
+    activation_bits: int
+    iterations: int
+    AP: float
+    AP50: float
+    AP75: float
+    seconds_per_iter: float
+    train_seconds: float
+    eval_seconds: float
+    size_mb: float
+    config_hash: str
+    cached: bool = False
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def build_cfg(variant: Variant, mode: Mode, weights: str | None, output_dir: Path):
+    """The frozen detectron2 config of `variant` under `mode` (AdelaiDet's defaults when it needs them)."""
+    if variant.adelaidet:
+        import adet.modeling  # noqa: F401  (registers AdelaiDet's meta-architectures)
+        from adet.config import get_cfg
+    else:
+        from detectron2.config import get_cfg
+    cfg = get_cfg()
+    cfg.merge_from_file(str(ROOT / variant.config))
+    opts = mode.schedule_opts(variant)
+    if weights is not None:
+        opts += ["MODEL.WEIGHTS", weights]
+    cfg.merge_from_list(opts + ["OUTPUT_DIR", str(output_dir)])
+    cfg.freeze()
+    return cfg
+
+
+def config_hash(cfg) -> str:
+    """Hash of everything that determines a run's result: the config (minus where it is written) and
+    the definition of every shapes split it reads."""
+    from detectron2.data import MetadataCatalog
+
+    clone = cfg.clone()
+    clone.defrost()
+    clone.OUTPUT_DIR = ""
+    datasets = [*clone.DATASETS.TRAIN, *clone.DATASETS.TEST]
+    specs = [repr(MetadataCatalog.get(name).get("shapes_spec", name)) for name in datasets]
+    payload = json.dumps([CACHE_VERSION, clone.dump(), specs])
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def _trainer_class(adelaidet: bool, write_period: int, print_period: int):
+    from detectron2.engine import DefaultTrainer, hooks
+    from detectron2.evaluation import COCOEvaluator
+    from detectron2.utils.events import CommonMetricPrinter, JSONWriter
+
+    class DemoTrainer(DefaultTrainer):
+        """detectron2's DefaultTrainer (AdelaiDet's train loader for AdelaiDet models) with the demo's
+        hooks: timing, LR schedule, ``metrics.json`` every `write_period` iterations (the loss curves)
+        and a console line every `print_period`; checkpointing and evaluation happen once, after
+        training."""
+
+        def build_hooks(self):
+            metrics = os.path.join(self.cfg.OUTPUT_DIR, "metrics.json")
+            return [
+                hooks.IterationTimer(),
+                hooks.LRScheduler(),
+                hooks.PeriodicWriter([JSONWriter(metrics, window_size=write_period)], period=write_period),
+                hooks.PeriodicWriter([CommonMetricPrinter(self.max_iter)], period=print_period),
+            ]
+
+        @classmethod
+        def build_train_loader(cls, cfg):
+            if not adelaidet:
+                return super().build_train_loader(cfg)
+            from adet.data.dataset_mapper import DatasetMapperWithBasis
+            from detectron2.data import build_detection_train_loader
+
+            return build_detection_train_loader(cfg, mapper=DatasetMapperWithBasis(cfg, True))
+
+        @classmethod
+        def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+            return COCOEvaluator(dataset_name, tasks=("bbox",), distributed=False, output_dir=output_folder)
+
+    return DemoTrainer
+
+
+def _train_and_evaluate(variant: Variant, cfg, write_period: int, print_period: int) -> dict:
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    trainer_class = _trainer_class(variant.adelaidet, write_period, print_period)
+    trainer = trainer_class(cfg)
+    trainer.resume_or_load(resume=False)
+    start = time.perf_counter()
+    trainer.train()
+    train_seconds = time.perf_counter() - start
+    # The first iterations include data-loader start-up and (QAT) step initialisation.
+    times = trainer.storage.history("time").values()
+    steady = [t for t, _ in times[min(5, len(times) - 1) :]]
+    DetectionCheckpointer(trainer.model, save_dir=cfg.OUTPUT_DIR).save("model_final")
+
+    start = time.perf_counter()
+    results = trainer_class.test(cfg, trainer.model)
+    eval_seconds = time.perf_counter() - start
+    bbox = results["bbox"]
+    return {
+        **{k: float(bbox[k]) for k in METRICS},
+        "iterations": cfg.SOLVER.MAX_ITER,
+        "seconds_per_iter": statistics.median(steady) if steady else float("nan"),
+        "train_seconds": train_seconds,
+        "eval_seconds": eval_seconds,
+        "size_mb": parameter_megabytes(trainer.model),
+    }
+
+
+def run_variant(
+    variant: Variant,
+    mode: Mode,
+    output_root: Path,
+    parent_weights: str | None,
+    reuse_float: bool = True,
+    write_period: int = 10,
+    print_period: int = 50,
+) -> PhaseResult:
+    """Train and evaluate `variant`; returns its row.
+
+    Float variants are cached under ``<output_root>/cache/<key>-<config hash>``: a later run whose
+    config hashes the same reuses the weights and the row instead of training again (unless
+    ``reuse_float`` is False). Every variant's run (log, ``metrics.json``, weights, ``result.json``)
+    ends up in ``<output_root>/runs/<key>``.
+    """
+    run_dir = output_root / "runs" / variant.key
+    cfg = build_cfg(variant, mode, parent_weights, run_dir)
+    digest = config_hash(cfg)
+    cache_dir = output_root / "cache" / f"{variant.key.replace('/', '-')}-{digest}"
+    cached = cache_dir / "result.json"
+    if variant.is_float and reuse_float and cached.is_file() and (cache_dir / "model_final.pth").is_file():
+        if run_dir.resolve() != cache_dir.resolve():
+            shutil.rmtree(run_dir, ignore_errors=True)
+            shutil.copytree(cache_dir, run_dir)
+        data = json.loads(cached.read_text())
+        data["cached"] = True
+        return PhaseResult(**data)
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(cfg.dump())
+    measured = _train_and_evaluate(variant, cfg, write_period, print_period)
+    result = PhaseResult(
+        key=variant.key, model=variant.model, bits=variant.bits_label, weight_bits=variant.weight_bits,
+        activation_bits=variant.activation_bits, config_hash=digest, **measured,
+    )  # fmt: skip
+    (run_dir / "result.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    if variant.is_float:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        shutil.copytree(run_dir, cache_dir)
+    return result

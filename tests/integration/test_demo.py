@@ -1,0 +1,127 @@
+"""`nox -s demo -- --quick` end to end (real training, COCOEvaluator, table, plots), caching, and modes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+EXPECTED_KEYS = [
+    f"{model}/{v}" for model in ("retinanet", "fcos") for v in ("float", "lsq_w4a4", "lsq_w3a3", "lsq_w2a2")
+]
+
+
+def _nox_demo(*args: str) -> subprocess.CompletedProcess:
+    """What the README tells a newcomer to run (nox builds first, a no-op once built)."""
+    return subprocess.run(
+        [sys.executable, "-m", "nox", "-s", "demo", "--", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def quick_demo(patched_tree, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    output = tmp_path_factory.mktemp("demo")
+    proc = _nox_demo("--quick", "--output-dir", str(output))
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return output, proc
+
+
+def test_quick_demo_writes_a_table_of_real_evaluations(quick_demo):
+    output, proc = quick_demo
+    data = json.loads((output / "results.json").read_text())
+    rows = {row["key"]: row for row in data["rows"]}
+    assert list(rows) == EXPECTED_KEYS
+    assert data["mode"] == "quick" and data["test_dataset"] == "shapes_quick_val"
+    for row in rows.values():
+        assert all(math.isfinite(row[k]) and 0 <= row[k] <= 100 for k in ("AP", "AP50", "AP75")), row
+        assert row["AP50"] >= row["AP75"], row
+        assert row["seconds_per_iter"] > 0 and row["iterations"] == (40 if row["weight_bits"] == 32 else 10)
+        assert (output / "runs" / row["key"] / "model_final.pth").is_file()
+    # COCOEvaluator's own numbers (its log table prints them with 3 decimals), nothing computed on the side
+    log = (output / "log.txt").read_text()
+    assert log.count("Evaluation results for bbox") == len(EXPECTED_KEYS)
+    logged = [[c.strip() for c in line.split("|")[1:4]] for line in log.splitlines() if line.startswith("|")]
+    for row in rows.values():
+        assert [f"{row[k]:.3f}" for k in ("AP", "AP50", "AP75")] in logged, row["key"]
+    for model in ("retinanet", "fcos"):
+        sizes = [rows[f"{model}/{v}"]["size_mb"] for v in ("float", "lsq_w4a4", "lsq_w3a3", "lsq_w2a2")]
+        assert sizes == sorted(sizes, reverse=True) and sizes[1] < sizes[0] / 4, sizes
+    table = (output / "results.md").read_text()
+    assert table.count("\n") == 2 + len(EXPECTED_KEYS)
+    assert "2/2 (8-bit first/last)" in table
+    assert table in proc.stdout  # the table is printed, too
+
+
+def test_quick_demo_reports_progress_per_phase(quick_demo):
+    _, proc = quick_demo
+    for index in range(1, len(EXPECTED_KEYS) + 1):
+        assert f"[demo {index}/{len(EXPECTED_KEYS)}]" in proc.stdout
+    assert "ETA" in proc.stdout and "elapsed" in proc.stdout
+
+
+def test_quick_demo_plots_ap_and_loss_curves(quick_demo):
+    output, _ = quick_demo
+    import matplotlib.image
+
+    for name in ("ap_vs_bits.png", "loss_curves.png"):
+        image = matplotlib.image.imread(output / name)
+        assert image.ndim == 3 and image.shape[0] > 200 and image.std() > 0.01, name
+    curve = [
+        json.loads(line)
+        for line in (output / "runs" / "fcos" / "float" / "metrics.json").read_text().splitlines()
+    ]
+    assert [r["iteration"] for r in curve if "total_loss" in r] == [9, 19, 29, 39]
+
+
+def test_rerun_reuses_cached_float_runs_unless_told_not_to(quick_demo):
+    output, _ = quick_demo
+    first = {r["key"]: r for r in json.loads((output / "results.json").read_text())["rows"]}
+    proc = _nox_demo("--quick", "--output-dir", str(output), "--models", "fcos")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    rows = {r["key"]: r for r in json.loads((output / "results.json").read_text())["rows"]}
+    assert list(rows) == [k for k in EXPECTED_KEYS if k.startswith("fcos/")]
+    assert rows["fcos/float"]["cached"] is True
+    assert rows["fcos/float"]["AP"] == first["fcos/float"]["AP"]
+    assert rows["fcos/float"]["config_hash"] == first["fcos/float"]["config_hash"]
+    assert not any(rows[k]["cached"] for k in rows if k != "fcos/float")
+    assert "reused the cached float run" in proc.stdout
+
+
+def test_config_hash_follows_the_config(patched_tree, tmp_path):
+    import model_quantization.detectron2  # noqa: F401
+    from model_quantization.demo.plan import MODES, variants
+    from model_quantization.demo.run import build_cfg, config_hash
+
+    quick = MODES["quick"]
+    float_variant = variants(quick, ["retinanet"])[0]
+    a = config_hash(build_cfg(float_variant, quick, None, tmp_path / "a"))
+    assert a == config_hash(build_cfg(float_variant, quick, None, tmp_path / "b"))  # output dir is not in it
+    longer = type(quick)(**{**quick.__dict__, "float_iters": 41})
+    assert a != config_hash(build_cfg(float_variant, longer, None, tmp_path / "a"))
+
+
+def test_full_mode_uses_the_coco_recipes_and_says_what_is_missing(patched_tree, tmp_path):
+    import model_quantization.detectron2  # noqa: F401
+    from model_quantization.demo.plan import MODES, variants
+    from model_quantization.demo.run import build_cfg
+
+    full = MODES["full"]
+    for variant in variants(full):
+        assert "coco" in variant.config.parts, variant
+        cfg = build_cfg(variant, full, None, tmp_path)
+        assert cfg.DATASETS.TRAIN == ("coco_2017_train",), variant
+        assert cfg.MODEL.QUANTIZATION.ENABLED is not variant.is_float, variant
+    env = {**os.environ, "DETECTRON2_DATASETS": str(tmp_path / "nowhere")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "model_quantization.demo", "--full", "--output-dir", str(tmp_path / "out")],
+        cwd=ROOT, capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "nowhere/coco/annotations/instances_train2017.json" in proc.stderr, proc.stderr[-2000:]

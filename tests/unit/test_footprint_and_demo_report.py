@@ -1,0 +1,101 @@
+"""Parameter storage at quantized bit widths, and the demo's table/plot writers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from model_quantization import QuantSpec, convert
+from model_quantization.demo.report import markdown_table, plot_ap_vs_bits, plot_loss_curves, write_table
+from model_quantization.demo.run import PhaseResult
+from model_quantization.footprint import parameter_bits, parameter_megabytes
+
+
+def _model() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 8, 1),
+        nn.Flatten(),
+        nn.LazyLinear(4),
+    )
+
+
+def _quantize(model: nn.Module, bits: int, rules=()) -> nn.Module:
+    model(torch.randn(1, 3, 6, 6))  # materialise the lazy layer
+    spec = QuantSpec.from_dict({
+        "weight": {"method": "lsq", "bits": bits},
+        "activation": {"method": "lsq", "bits": bits, "signed": True},
+        "rules": list(rules),
+    })  # fmt: skip
+    return convert(model, spec).model
+
+
+def test_float_model_counts_every_parameter_at_32_bits():
+    model = _model()
+    model(torch.randn(1, 3, 6, 6))
+    total = sum(p.numel() for p in model.parameters())
+    assert set(parameter_bits(model).values()) == {32}
+    assert parameter_megabytes(model) == pytest.approx(total * 4 / 1e6)
+
+
+def test_quantized_weights_count_at_their_bits_and_everything_else_at_32():
+    model = _quantize(_model(), 4, rules=[{"pattern": "5", "weight": {"bits": 8}}])
+    bits = parameter_bits(model)
+    assert bits["0.weight"] == 4 and bits["3.weight"] == 4 and bits["5.weight"] == 8
+    # biases, BN affine parameters and quantizer steps stay float
+    assert bits["3.bias"] == bits["1.weight"] == 32
+    assert all(v == 32 for k, v in bits.items() if "quantizer" in k)
+    expected = sum(p.numel() * bits[n] for n, p in model.named_parameters()) / 8 / 1e6
+    assert parameter_megabytes(model) == pytest.approx(expected)
+    assert parameter_megabytes(model) < parameter_megabytes(_quantize(_model(), 8))
+
+
+def test_weights_left_float_by_a_rule_count_at_32_bits():
+    model = _quantize(_model(), 2, rules=[{"pattern": "0", "skip": True}])
+    assert parameter_bits(model)["0.weight"] == 32
+
+
+def _result(model: str, bits: int, ap: float, cached: bool = False) -> PhaseResult:
+    label = "float" if bits == 32 else f"{bits}/{bits}"
+    return PhaseResult(
+        key=f"{model}/{label}", model=model, bits=label, weight_bits=bits, activation_bits=bits,
+        iterations=100, AP=ap, AP50=ap + 10, AP75=ap - 5, seconds_per_iter=0.2, train_seconds=20.0,
+        eval_seconds=3.0, size_mb=bits / 4, config_hash="abc", cached=cached,
+    )  # fmt: skip
+
+
+def test_table_reports_the_loss_against_each_models_own_float_run(tmp_path):
+    rows = [
+        _result("A", 32, 20.0, cached=True),
+        _result("A", 4, 19.5),
+        _result("B", 32, 10.0),
+        _result("B", 2, 12.25),
+    ]
+    table = markdown_table(rows).splitlines()
+    assert table[0].startswith("| model | bits W/A | AP |")
+    assert len(table) == 2 + len(rows)
+    assert "| -0.5 |" in table[3] and "| +2.2 |" in table[5]
+    assert "100 (cached)" in table[2]
+    md, js = write_table(rows, tmp_path, {"mode": "quick"})
+    data = json.loads(js.read_text())
+    assert data["mode"] == "quick" and [r["AP"] for r in data["rows"]] == [20.0, 19.5, 10.0, 12.25]
+    assert md.read_text() == markdown_table(rows)
+
+
+def test_plots_are_written_as_png(tmp_path):
+    rows = [_result("A", 32, 20.0), _result("A", 4, 19.5), _result("A", 2, 15.0)]
+    run = tmp_path / "runs" / "A" / "float"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(
+        "\n".join(json.dumps({"iteration": i, "total_loss": 2.0 / (i + 1)}) for i in range(0, 100, 10))
+    )
+    for path in (
+        plot_ap_vs_bits(rows, tmp_path / "ap.png", "val"),
+        plot_loss_curves(rows, tmp_path / "runs", tmp_path / "loss.png"),
+    ):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
