@@ -9,9 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import load_coco_json
-
 from ..data.shapes import CLASS_NAMES, DEFAULT_CACHE, ShapesSpec, materialize
 
 #: The splits every run knows. `shapes_val` holds ~750 objects, so 1 AP differences are above noise;
@@ -34,6 +31,11 @@ def register_shapes(name: str, spec: ShapesSpec, cache_dir: str | Path | None = 
         spec: what to generate (size, seed, image size, ...).
         cache_dir: where generated splits live (default ``$MQ_DATA_CACHE`` or ``~/.cache/model_quantization``).
     """
+    # Imported here, not at the top: detectron2's builtin datasets module imports this module while
+    # detectron2.data initialises, so a top-level import would be circular when this module comes first.
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.data.datasets import load_coco_json
+
     root = Path(cache_dir or DEFAULT_CACHE)
     target = root / "shapes" / spec.digest()
     if name in DatasetCatalog.list():

@@ -127,3 +127,16 @@ def test_patched_modules_behave(patched_tree) -> None:
     assert text_eval.Levenshtein.distance("kitten", "sitting") == 3
     # adet._C compiled on torch 2.x: its deformable ROI align runs on the CPU build.
     assert hasattr(adet.layers, "DefROIAlign")
+
+
+@pytest.mark.parametrize(
+    "module", ["model_quantization.detectron2.datasets", "model_quantization.detectron2"]
+)
+def test_integration_modules_import_before_detectron2(patched_tree, module: str) -> None:
+    """detectron2's (patched) builtin datasets import our datasets module: either may come first."""
+    import subprocess
+    import sys
+
+    code = f"import {module}\nfrom detectron2.data import DatasetCatalog\nassert 'shapes_val' in DatasetCatalog.list()"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
