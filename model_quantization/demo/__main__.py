@@ -95,15 +95,15 @@ class Progress:
         self.float_measured = self.qat_measured = False
 
     def _estimate(self, variant: Variant) -> float:
-        iterations = self.mode.float_iters if variant.is_float else self.mode.quant_iters
-        speed = self.float_speed if variant.is_float else self.qat_speed
+        iterations = self.mode.float_iters if variant.from_scratch else self.mode.quant_iters
+        speed = self.qat_speed if variant.quantized else self.float_speed
         return (iterations or 0) * speed + self.eval_seconds
 
     def begin(self, index: int, variant: Variant) -> None:
         elapsed = time.perf_counter() - self.start
         remaining = sum(self._estimate(v) for v in self.plan[index:])
-        iterations = self.mode.float_iters if variant.is_float else self.mode.quant_iters
-        what = "train from scratch" if variant.is_float else f"fine-tune from {variant.parent}"
+        iterations = self.mode.float_iters if variant.from_scratch else self.mode.quant_iters
+        what = "train from scratch" if variant.from_scratch else f"fine-tune from {variant.parent}"
         length = f"{iterations} it" if iterations else "config schedule"
         eta = f", ETA {_clock(remaining)}" if self.mode.float_iters else ""
         logger.info(f"[demo {index + 1}/{len(self.plan)}] {variant.model} {variant.bits_label}: {what} "
@@ -111,9 +111,9 @@ class Progress:
 
     def done(self, variant: Variant, result: PhaseResult) -> None:
         if result.cached:
-            logger.info(f"    reused the cached float run ({result.config_hash}): AP {result.AP:.1f}")
+            logger.info(f"    reused the cached run ({result.config_hash}): AP {result.AP:.1f}")
             return
-        if variant.is_float:
+        if not variant.quantized:
             self.float_speed = result.seconds_per_iter
             if not self.qat_measured:
                 self.qat_speed = result.seconds_per_iter * PRIOR_QAT_OVER_FLOAT
@@ -144,9 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, PhaseResult] = {}
     for index, variant in enumerate(plan):
         progress.begin(index, variant)
-        parent = None
-        if variant.parent is not None:
-            parent = str(output_dir / "runs" / variant.parent / "model_final.pth")
+        parent = results[variant.parent] if variant.parent else None
         result = run_variant(variant, mode, output_dir, parent, reuse_float=not args.retrain_float)
         results[variant.key] = result
         progress.done(variant, result)
@@ -180,7 +178,7 @@ def _check_full_inputs(plan: list[Variant], mode: Mode) -> None:
         if not path.exists()
     ]
     for variant in plan:
-        if not variant.is_float:
+        if not variant.from_scratch:
             continue
         weights = build_cfg(variant, mode, None, Path("unused")).MODEL.WEIGHTS
         if weights and "://" not in weights and not Path(weights).exists():

@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..footprint import FLOAT_BITS
+
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
 
@@ -30,6 +32,7 @@ class Variant:
         note: what differs from plain W/A bits (e.g. 8-bit first/last layers), shown in the table.
         parent: key of the variant whose final weights this one starts from (None: from scratch).
         adelaidet: the config uses AdelaiDet's defaults (``adet.config.get_cfg``).
+        opts: extra config overrides (``merge_from_list`` pairs).
     """
 
     key: str
@@ -40,14 +43,20 @@ class Variant:
     note: str = ""
     parent: str | None = None
     adelaidet: bool = False
+    opts: tuple = ()
 
     @property
-    def is_float(self) -> bool:
+    def from_scratch(self) -> bool:
+        """Trained from scratch with the float schedule (otherwise fine-tuned with the QAT schedule)."""
         return self.parent is None
 
     @property
+    def quantized(self) -> bool:
+        return self.weight_bits != FLOAT_BITS
+
+    @property
     def bits_label(self) -> str:
-        label = "float" if self.is_float else f"{self.weight_bits}/{self.activation_bits}"
+        label = f"{self.weight_bits}/{self.activation_bits}" if self.quantized else "float"
         return f"{label} ({self.note})" if self.note else label
 
 
@@ -62,6 +71,14 @@ class ModelPlan:
     configs: dict[str, tuple[str, dict[int, tuple[str, str]]]]
 
 
+#: What the quantized rows keep at 8 bits besides the bulk of the layers (the configs' "mixed" recipe).
+MIXED = "8-bit stem, predictors, sums"
+
+
+def _mixed(prefix: str) -> dict[int, tuple[str, str]]:
+    return {bits: (prefix.format(bits=bits), MIXED) for bits in (4, 3, 2)}
+
+
 MODELS: dict[str, ModelPlan] = {
     "retinanet": ModelPlan(
         name="retinanet",
@@ -70,22 +87,11 @@ MODELS: dict[str, ModelPlan] = {
         configs={
             "shapes": (
                 "detectron2/shapes/retinanet_R_18_FPN_fullbn_float.yaml",
-                {
-                    4: ("detectron2/shapes/retinanet_R_18_FPN_fullbn_lsq_w4a4.yaml", ""),
-                    3: ("detectron2/shapes/retinanet_R_18_FPN_fullbn_lsq_w3a3.yaml", ""),
-                    2: ("detectron2/shapes/retinanet_R_18_FPN_fullbn_lsq_w2a2_f8l8.yaml", "8-bit first/last"),
-                },
+                _mixed("detectron2/shapes/retinanet_R_18_FPN_fullbn_lsq_w{bits}a{bits}_mixed.yaml"),
             ),
             "coco": (
                 "detectron2/coco/retinanet_R_18_FPN_1x_fullbn_float.yaml",
-                {
-                    4: ("detectron2/coco/retinanet_R_18_FPN_1x_fullbn_lsq_w4a4.yaml", ""),
-                    3: ("detectron2/coco/retinanet_R_18_FPN_1x_fullbn_lsq_w3a3.yaml", ""),
-                    2: (
-                        "detectron2/coco/retinanet_R_18_FPN_1x_fullbn_lsq_w2a2_f8l8.yaml",
-                        "8-bit first/last",
-                    ),
-                },
+                _mixed("detectron2/coco/retinanet_R_18_FPN_1x_fullbn_lsq_w{bits}a{bits}_mixed.yaml"),
             ),
         },
     ),
@@ -96,19 +102,11 @@ MODELS: dict[str, ModelPlan] = {
         configs={
             "shapes": (
                 "AdelaiDet/shapes/fcos_R_18_FPN_fullbn_float.yaml",
-                {
-                    4: ("AdelaiDet/shapes/fcos_R_18_FPN_fullbn_lsq_w4a4.yaml", ""),
-                    3: ("AdelaiDet/shapes/fcos_R_18_FPN_fullbn_lsq_w3a3.yaml", ""),
-                    2: ("AdelaiDet/shapes/fcos_R_18_FPN_fullbn_lsq_w2a2_f8l8.yaml", "8-bit first/last"),
-                },
+                _mixed("AdelaiDet/shapes/fcos_R_18_FPN_fullbn_lsq_w{bits}a{bits}_mixed.yaml"),
             ),
             "coco": (
                 "AdelaiDet/coco/fcos_R_18_1x_fullbn_float.yaml",
-                {
-                    4: ("AdelaiDet/coco/fcos_R_18_1x_fullbn_lsq_w4a4.yaml", ""),
-                    3: ("AdelaiDet/coco/fcos_R_18_1x_fullbn_lsq_w3a3.yaml", ""),
-                    2: ("AdelaiDet/coco/fcos_R_18_1x_fullbn_lsq_w2a2_f8l8.yaml", "8-bit first/last"),
-                },
+                _mixed("AdelaiDet/coco/fcos_R_18_1x_fullbn_lsq_w{bits}a{bits}_mixed.yaml"),
             ),
         },
     ),
@@ -140,12 +138,13 @@ class Mode:
 
     def schedule_opts(self, variant: Variant) -> list:
         """Config overrides (``merge_from_list`` pairs) that scale the schedule of `variant`."""
-        iters = self.float_iters if variant.is_float else self.quant_iters
-        opts: list = []
+        scratch = variant.from_scratch
+        iters = self.float_iters if scratch else self.quant_iters
+        opts: list = list(variant.opts)
         if iters is not None:
             # The config's LR-decay points keep their relative position in the shorter schedule.
-            steps = (round(iters * 0.75), round(iters * 0.9)) if variant.is_float else (round(iters * 0.75),)
-            warmup = min(50 if variant.is_float else 20, max(iters // 10, 1))
+            steps = (round(iters * 0.75), round(iters * 0.9)) if scratch else (round(iters * 0.75),)
+            warmup = min(50 if scratch else 20, max(iters // 10, 1))
             opts += ["SOLVER.MAX_ITER", iters, "SOLVER.STEPS", steps, "SOLVER.WARMUP_ITERS", warmup]
         if self.test_dataset is not None:
             opts += ["DATASETS.TEST", (self.test_dataset,)]
@@ -167,7 +166,9 @@ MODES: dict[str, Mode] = {
 def variants(
     mode: Mode, models: list[str] | tuple[str, ...] = tuple(MODELS), bits=(4, 3, 2)
 ) -> list[Variant]:
-    """The rows the demo runs, in run order: per model, the float run, then its quantized fine-tunes."""
+    """The rows the demo runs, in run order, per model: the float run from scratch; the same model
+    fine-tuned with exactly the QAT schedule and quantization off (the like-for-like reference: the
+    quantized rows train that much longer than the float run); then the quantized fine-tunes."""
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         raise ValueError(f"unknown demo model(s) {unknown}; choose from {sorted(MODELS)}")
@@ -180,6 +181,17 @@ def variants(
             weight_bits=32, activation_bits=32, adelaidet=plan.adelaidet,
         )  # fmt: skip
         out.append(base)
+        reference_config, _ = quantized[max(quantized)]
+        out.append(
+            dataclasses.replace(
+                base,
+                key=f"{name}/float_finetuned",
+                config=Path("configs") / reference_config,
+                note="fine-tuned like the QAT rows",
+                parent=base.key,
+                opts=("MODEL.QUANTIZATION.ENABLED", False),
+            )  # fmt: skip
+        )
         for b in bits:
             if b not in quantized:
                 raise ValueError(

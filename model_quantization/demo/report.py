@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..footprint import FLOAT_BITS
 from .run import PhaseResult
 
 __all__ = ["markdown_table", "plot_ap_vs_bits", "plot_loss_curves", "read_loss_curve", "write_table"]
@@ -12,11 +13,22 @@ __all__ = ["markdown_table", "plot_ap_vs_bits", "plot_loss_curves", "read_loss_c
 COLUMNS = ("model", "bits W/A", "AP", "AP50", "AP75", "ΔAP", "iterations", "s/iter", "size MB")
 
 
+def reference_ap(results: list[PhaseResult]) -> dict[str, float]:
+    """Per model, the AP its quantized rows are compared with: the float model fine-tuned with the QAT
+    schedule when the table has that row (like for like), else the float model."""
+    reference: dict[str, float] = {}
+    for r in results:
+        if r.weight_bits == FLOAT_BITS and (r.model not in reference or r.parent is not None):
+            reference[r.model] = r.AP
+    return reference
+
+
 def _rows(results: list[PhaseResult]) -> list[list[str]]:
-    float_ap = {r.model: r.AP for r in results if r.weight_bits == 32}
+    reference = reference_ap(results)
     rows = []
     for r in results:
-        delta = "" if r.weight_bits == 32 or r.model not in float_ap else f"{r.AP - float_ap[r.model]:+.1f}"
+        quantized = r.weight_bits != FLOAT_BITS and r.model in reference
+        delta = f"{r.AP - reference[r.model]:+.1f}" if quantized else ""
         iterations = f"{r.iterations} (cached)" if r.cached else str(r.iterations)
         rows.append(
             [
@@ -28,7 +40,7 @@ def _rows(results: list[PhaseResult]) -> list[list[str]]:
 
 
 def markdown_table(results: list[PhaseResult]) -> str:
-    """GitHub Markdown table; ΔAP is against the float model the row was fine-tuned from."""
+    """GitHub Markdown table; ΔAP is against :func:`reference_ap`."""
     right = {"AP", "AP50", "AP75", "ΔAP", "iterations", "s/iter", "size MB"}
     lines = [
         "| " + " | ".join(COLUMNS) + " |",
@@ -78,15 +90,16 @@ def plot_ap_vs_bits(results: list[PhaseResult], path: Path, dataset: str) -> Pat
     for index, model in enumerate(models):
         color = f"C{index}"
         rows = [r for r in results if r.model == model]
-        quantized = sorted((r for r in rows if r.weight_bits != 32), key=lambda r: r.weight_bits)
+        quantized = sorted((r for r in rows if r.weight_bits != FLOAT_BITS), key=lambda r: r.weight_bits)
         ax.plot([r.weight_bits for r in quantized], [r.AP for r in quantized], "o-", color=color,
                 label=f"{model} LSQ")  # fmt: skip
         for r in rows:
-            if r.weight_bits == 32:
-                ax.axhline(r.AP, color=color, linestyle="--", label=f"{model} float ({r.AP:.1f})")
+            if r.weight_bits == FLOAT_BITS:
+                style, what = (":", "float") if r.parent is None else ("--", "float, fine-tuned")
+                ax.axhline(r.AP, color=color, linestyle=style, label=f"{model} {what} ({r.AP:.1f})")
     ax.set_xlabel("bits (weights / activations)")
     ax.set_ylabel(f"box AP ({dataset})")
-    ax.set_xticks(sorted({r.weight_bits for r in results if r.weight_bits != 32}))
+    ax.set_xticks(sorted({r.weight_bits for r in results if r.weight_bits != FLOAT_BITS}))
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
@@ -104,10 +117,10 @@ def plot_loss_curves(results: list[PhaseResult], runs_dir: Path, path: Path) -> 
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
         rows = [r for r in results if r.model == model]
-        offset = next((r.iterations for r in rows if r.weight_bits == 32), 0)
+        offset = next((r.iterations for r in rows if r.parent is None), 0)
         for index, r in enumerate(rows):
             iterations, losses = read_loss_curve(runs_dir / r.key)
-            shift = 0 if r.weight_bits == 32 else offset
+            shift = 0 if r.parent is None else offset
             ax.plot([i + shift for i in iterations], losses, color=f"C{index}", label=r.bits, linewidth=1.2)
         ax.set_title(model)
         ax.set_xlabel("iteration (fine-tunes start from the float run's end)")

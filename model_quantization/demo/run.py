@@ -42,6 +42,7 @@ class PhaseResult:
     eval_seconds: float
     size_mb: float
     config_hash: str
+    parent: str | None = None
     cached: bool = False
 
     def to_json(self) -> dict:
@@ -65,9 +66,9 @@ def build_cfg(variant: Variant, mode: Mode, weights: str | None, output_dir: Pat
     return cfg
 
 
-def config_hash(cfg) -> str:
-    """Hash of everything that determines a run's result: the config (minus where it is written) and
-    the definition of every shapes split it reads."""
+def config_hash(cfg, parent_hash: str = "") -> str:
+    """Hash of everything that determines a run's result: the config (minus where it is written), the
+    definition of every shapes split it reads, and the hash of the run whose weights it starts from."""
     from detectron2.data import MetadataCatalog
 
     clone = cfg.clone()
@@ -75,7 +76,7 @@ def config_hash(cfg) -> str:
     clone.OUTPUT_DIR = ""
     datasets = [*clone.DATASETS.TRAIN, *clone.DATASETS.TEST]
     specs = [repr(MetadataCatalog.get(name).get("shapes_spec", name)) for name in datasets]
-    payload = json.dumps([CACHE_VERSION, clone.dump(), specs])
+    payload = json.dumps([CACHE_VERSION, clone.dump(), specs, parent_hash])
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
@@ -147,7 +148,7 @@ def run_variant(
     variant: Variant,
     mode: Mode,
     output_root: Path,
-    parent_weights: str | None,
+    parent: PhaseResult | None,
     reuse_float: bool = True,
     write_period: int = 10,
     print_period: int = 50,
@@ -155,16 +156,23 @@ def run_variant(
     """Train and evaluate `variant`; returns its row.
 
     Float variants are cached under ``<output_root>/cache/<key>-<config hash>``: a later run whose
-    config hashes the same reuses the weights and the row instead of training again (unless
-    ``reuse_float`` is False). Every variant's run (log, ``metrics.json``, weights, ``result.json``)
-    ends up in ``<output_root>/runs/<key>``.
+    config (and parent run) hashes the same reuses the weights and the row instead of training again
+    (unless ``reuse_float`` is False). Every variant's run (``config.yaml``, ``metrics.json``, weights,
+    ``result.json``) ends up in ``<output_root>/runs/<key>``; `parent` is the result of the run whose
+    weights it starts from.
     """
     run_dir = output_root / "runs" / variant.key
-    cfg = build_cfg(variant, mode, parent_weights, run_dir)
-    digest = config_hash(cfg)
+    weights = str(output_root / "runs" / parent.key / "model_final.pth") if parent else None
+    cfg = build_cfg(variant, mode, weights, run_dir)
+    digest = config_hash(cfg, parent.config_hash if parent else "")
     cache_dir = output_root / "cache" / f"{variant.key.replace('/', '-')}-{digest}"
     cached = cache_dir / "result.json"
-    if variant.is_float and reuse_float and cached.is_file() and (cache_dir / "model_final.pth").is_file():
+    if (
+        not variant.quantized
+        and reuse_float
+        and cached.is_file()
+        and (cache_dir / "model_final.pth").is_file()
+    ):
         if run_dir.resolve() != cache_dir.resolve():
             shutil.rmtree(run_dir, ignore_errors=True)
             shutil.copytree(cache_dir, run_dir)
@@ -178,10 +186,10 @@ def run_variant(
     measured = _train_and_evaluate(variant, cfg, write_period, print_period)
     result = PhaseResult(
         key=variant.key, model=variant.model, bits=variant.bits_label, weight_bits=variant.weight_bits,
-        activation_bits=variant.activation_bits, config_hash=digest, **measured,
+        activation_bits=variant.activation_bits, config_hash=digest, parent=variant.parent, **measured,
     )  # fmt: skip
     (run_dir / "result.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
-    if variant.is_float:
+    if not variant.quantized:
         shutil.rmtree(cache_dir, ignore_errors=True)
         shutil.copytree(run_dir, cache_dir)
     return result

@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-EXPECTED_KEYS = [
-    f"{model}/{v}" for model in ("retinanet", "fcos") for v in ("float", "lsq_w4a4", "lsq_w3a3", "lsq_w2a2")
-]
+VARIANTS = ("float", "float_finetuned", "lsq_w4a4", "lsq_w3a3", "lsq_w2a2")
+EXPECTED_KEYS = [f"{model}/{v}" for model in ("retinanet", "fcos") for v in VARIANTS]
 
 
 def _nox_demo(*args: str) -> subprocess.CompletedProcess:
@@ -42,7 +41,7 @@ def test_quick_demo_writes_a_table_of_real_evaluations(quick_demo):
     for row in rows.values():
         assert all(math.isfinite(row[k]) and 0 <= row[k] <= 100 for k in ("AP", "AP50", "AP75")), row
         assert row["AP50"] >= row["AP75"], row
-        assert row["seconds_per_iter"] > 0 and row["iterations"] == (40 if row["weight_bits"] == 32 else 10)
+        assert row["seconds_per_iter"] > 0 and row["iterations"] == (40 if row["parent"] is None else 10)
         assert (output / "runs" / row["key"] / "model_final.pth").is_file()
     # COCOEvaluator's own numbers (its log table prints them with 3 decimals), nothing computed on the side
     log = (output / "log.txt").read_text()
@@ -51,11 +50,16 @@ def test_quick_demo_writes_a_table_of_real_evaluations(quick_demo):
     for row in rows.values():
         assert [f"{row[k]:.3f}" for k in ("AP", "AP50", "AP75")] in logged, row["key"]
     for model in ("retinanet", "fcos"):
-        sizes = [rows[f"{model}/{v}"]["size_mb"] for v in ("float", "lsq_w4a4", "lsq_w3a3", "lsq_w2a2")]
-        assert sizes == sorted(sizes, reverse=True) and sizes[1] < sizes[0] / 4, sizes
+        sizes = [rows[f"{model}/{v}"]["size_mb"] for v in VARIANTS]
+        assert (
+            sizes[0] == sizes[1] and sizes[1] > sizes[2] > sizes[3] > sizes[4] and sizes[2] < sizes[0] / 4
+        ), sizes
     table = (output / "results.md").read_text()
     assert table.count("\n") == 2 + len(EXPECTED_KEYS)
-    assert "2/2 (8-bit first/last)" in table
+    assert (
+        "| 2/2 (8-bit stem, predictors, sums) |" in table
+        and "| float (fine-tuned like the QAT rows) |" in table
+    )
     assert table in proc.stdout  # the table is printed, too
 
 
@@ -87,11 +91,14 @@ def test_rerun_reuses_cached_float_runs_unless_told_not_to(quick_demo):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     rows = {r["key"]: r for r in json.loads((output / "results.json").read_text())["rows"]}
     assert list(rows) == [k for k in EXPECTED_KEYS if k.startswith("fcos/")]
-    assert rows["fcos/float"]["cached"] is True
-    assert rows["fcos/float"]["AP"] == first["fcos/float"]["AP"]
-    assert rows["fcos/float"]["config_hash"] == first["fcos/float"]["config_hash"]
-    assert not any(rows[k]["cached"] for k in rows if k != "fcos/float")
-    assert "reused the cached float run" in proc.stdout
+    for key in ("fcos/float", "fcos/float_finetuned"):  # float runs come from the cache
+        assert rows[key]["cached"] is True
+        assert rows[key]["AP"] == first[key]["AP"] and rows[key]["config_hash"] == first[key]["config_hash"]
+    assert not any(rows[k]["cached"] for k in rows if "lsq" in k)
+    assert proc.stdout.count("reused the cached run") == 2
+    again = _nox_demo("--quick", "--output-dir", str(output), "--models", "fcos", "--retrain-float")
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    assert not any(r["cached"] for r in json.loads((output / "results.json").read_text())["rows"])
 
 
 def test_config_hash_follows_the_config(patched_tree, tmp_path):

@@ -60,35 +60,38 @@ def test_weights_left_float_by_a_rule_count_at_32_bits():
     assert parameter_bits(model)["0.weight"] == 32
 
 
-def _result(model: str, bits: int, ap: float, cached: bool = False) -> PhaseResult:
+def _result(model: str, bits: int, ap: float, cached: bool = False, parent: str | None = None) -> PhaseResult:
     label = "float" if bits == 32 else f"{bits}/{bits}"
     return PhaseResult(
         key=f"{model}/{label}", model=model, bits=label, weight_bits=bits, activation_bits=bits,
         iterations=100, AP=ap, AP50=ap + 10, AP75=ap - 5, seconds_per_iter=0.2, train_seconds=20.0,
-        eval_seconds=3.0, size_mb=bits / 4, config_hash="abc", cached=cached,
+        eval_seconds=3.0, size_mb=bits / 4, config_hash="abc", parent=parent, cached=cached,
     )  # fmt: skip
 
 
-def test_table_reports_the_loss_against_each_models_own_float_run(tmp_path):
+def test_table_compares_quantized_rows_with_the_like_for_like_float_run(tmp_path):
     rows = [
-        _result("A", 32, 20.0, cached=True),
-        _result("A", 4, 19.5),
-        _result("B", 32, 10.0),
-        _result("B", 2, 12.25),
-    ]
+        _result("A", 32, 20.0, cached=True), _result("A", 4, 19.5, parent="A/float"),
+        _result("B", 32, 10.0), _result("B", 32, 11.0, parent="B/float"), _result("B", 2, 12.5, parent="B/float"),
+    ]  # fmt: skip
     table = markdown_table(rows).splitlines()
     assert table[0].startswith("| model | bits W/A | AP |")
     assert len(table) == 2 + len(rows)
-    assert "| -0.5 |" in table[3] and "| +2.2 |" in table[5]
+    # A has no fine-tuned float row: against the float run; B: against its fine-tuned float run
+    assert "| -0.5 |" in table[3] and "| +1.5 |" in table[6]
     assert "100 (cached)" in table[2]
     md, js = write_table(rows, tmp_path, {"mode": "quick"})
     data = json.loads(js.read_text())
-    assert data["mode"] == "quick" and [r["AP"] for r in data["rows"]] == [20.0, 19.5, 10.0, 12.25]
+    assert data["mode"] == "quick" and [r["AP"] for r in data["rows"]] == [20.0, 19.5, 10.0, 11.0, 12.5]
     assert md.read_text() == markdown_table(rows)
 
 
 def test_plots_are_written_as_png(tmp_path):
-    rows = [_result("A", 32, 20.0), _result("A", 4, 19.5), _result("A", 2, 15.0)]
+    rows = [
+        _result("A", 32, 20.0),
+        _result("A", 4, 19.5, parent="A/float"),
+        _result("A", 2, 15.0, parent="A/float"),
+    ]
     run = tmp_path / "runs" / "A" / "float"
     run.mkdir(parents=True)
     (run / "metrics.json").write_text(
