@@ -156,7 +156,7 @@ class Mode:
 MODES: dict[str, Mode] = {
     "quick": Mode("quick", "shapes", float_iters=40, quant_iters=10, test_dataset="shapes_quick_val",
                   device="cpu", budget_s=180),
-    "default": Mode("default", "shapes", float_iters=1000, quant_iters=250, test_dataset=None,
+    "default": Mode("default", "shapes", float_iters=800, quant_iters=200, test_dataset=None,
                     device="cpu", budget_s=900),
     "full": Mode("full", "coco", float_iters=None, quant_iters=None, test_dataset=None, device=None,
                  budget_s=float("inf")),

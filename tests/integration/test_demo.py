@@ -124,7 +124,7 @@ def test_full_mode_uses_the_coco_recipes_and_says_what_is_missing(patched_tree, 
         assert "coco" in variant.config.parts, variant
         cfg = build_cfg(variant, full, None, tmp_path)
         assert cfg.DATASETS.TRAIN == ("coco_2017_train",), variant
-        assert cfg.MODEL.QUANTIZATION.ENABLED is not variant.is_float, variant
+        assert cfg.MODEL.QUANTIZATION.ENABLED == variant.quantized, variant
     env = {**os.environ, "DETECTRON2_DATASETS": str(tmp_path / "nowhere")}
     proc = subprocess.run(
         [sys.executable, "-m", "model_quantization.demo", "--full", "--output-dir", str(tmp_path / "out")],
@@ -132,3 +132,21 @@ def test_full_mode_uses_the_coco_recipes_and_says_what_is_missing(patched_tree, 
     )  # fmt: skip
     assert proc.returncode != 0
     assert "nowhere/coco/annotations/instances_train2017.json" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_default_mode_runs_the_configs_own_schedule(patched_tree, tmp_path):
+    """`nox -s demo` and `train_net.py --config-file <the same config>` train the same schedule."""
+    import model_quantization.detectron2  # noqa: F401
+    from model_quantization.demo.plan import MODES, ROOT, Mode, variants
+    from model_quantization.demo.run import build_cfg
+
+    default = MODES["default"]
+    as_configured = Mode("configured", "shapes", None, None, None, None, budget_s=0)
+    for variant in variants(default):
+        ours, theirs = (
+            build_cfg(variant, default, None, tmp_path),
+            build_cfg(variant, as_configured, None, tmp_path),
+        )
+        for key in ("MAX_ITER", "STEPS", "WARMUP_ITERS", "BASE_LR"):
+            assert ours.SOLVER[key] == theirs.SOLVER[key], (variant.key, key)
+        assert (ROOT / variant.config).is_file()
