@@ -151,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = list(results.values())
     wall = time.perf_counter() - progress.start
-    dataset = mode.test_dataset or "the config's test set"
+    from .run import build_cfg
+
+    dataset = ", ".join(build_cfg(plan[0], mode, None, output_dir).DATASETS.TEST)
     md, js = write_table(rows, output_dir, {"mode": mode.name, "wall_seconds": round(wall, 1),
                                             "test_dataset": dataset})  # fmt: skip
     plot_ap_vs_bits(rows, output_dir / "ap_vs_bits.png", dataset)

@@ -25,11 +25,16 @@ def reference_ap(results: list[PhaseResult]) -> dict[str, float]:
 
 def _rows(results: list[PhaseResult]) -> list[list[str]]:
     reference = reference_ap(results)
+    by_key = {r.key: r for r in results}
     rows = []
     for r in results:
         quantized = r.weight_bits != FLOAT_BITS and r.model in reference
         delta = f"{r.AP - reference[r.model]:+.1f}" if quantized else ""
-        iterations = f"{r.iterations} (cached)" if r.cached else str(r.iterations)
+        # fine-tunes show the iterations of the run they start from, too: "800 + 200"
+        iterations = (
+            f"{by_key[r.parent].iterations} + {r.iterations}" if r.parent in by_key else str(r.iterations)
+        )
+        iterations += " (cached)" if r.cached else ""
         rows.append(
             [
                 r.model, r.bits, f"{r.AP:.1f}", f"{r.AP50:.1f}", f"{r.AP75:.1f}", delta, iterations,

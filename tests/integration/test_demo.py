@@ -124,7 +124,7 @@ def test_full_mode_uses_the_coco_recipes_and_says_what_is_missing(patched_tree, 
         assert "coco" in variant.config.parts, variant
         cfg = build_cfg(variant, full, None, tmp_path)
         assert cfg.DATASETS.TRAIN == ("coco_2017_train",), variant
-        assert cfg.MODEL.QUANTIZATION.ENABLED == variant.quantized, variant
+        assert variant.quantized == cfg.MODEL.QUANTIZATION.ENABLED, variant
     env = {**os.environ, "DETECTRON2_DATASETS": str(tmp_path / "nowhere")}
     proc = subprocess.run(
         [sys.executable, "-m", "model_quantization.demo", "--full", "--output-dir", str(tmp_path / "out")],

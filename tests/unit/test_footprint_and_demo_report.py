@@ -79,7 +79,7 @@ def test_table_compares_quantized_rows_with_the_like_for_like_float_run(tmp_path
     assert len(table) == 2 + len(rows)
     # A has no fine-tuned float row: against the float run; B: against its fine-tuned float run
     assert "| -0.5 |" in table[3] and "| +1.5 |" in table[6]
-    assert "100 (cached)" in table[2]
+    assert "| 100 (cached) |" in table[2] and "| 100 + 100 |" in table[3]
     md, js = write_table(rows, tmp_path, {"mode": "quick"})
     data = json.loads(js.read_text())
     assert data["mode"] == "quick" and [r["AP"] for r in data["rows"]] == [20.0, 19.5, 10.0, 11.0, 12.5]
