@@ -218,7 +218,7 @@ class Quantizer(nn.Module):
         if self.enabled and not self.signed and x.numel() and bool((x < 0).any()):
             raise ValueError(
                 f"{self.method} quantizer{self._where()} is unsigned but its input has negative values "
-                f"(min {float(x.min()):.4g}); an unsigned grid would clip them to 0. Quantize it as signed "
+                f"(min {float(x.detach().min()):.4g}); an unsigned grid would clip them to 0. Quantize it as signed "
                 f"(activation signed: true for this module), or make the input non-negative (e.g. BN + ReLU)"
             )
 
