@@ -21,26 +21,36 @@ from ..quantizers import Quantizer
 __all__ = ["attach_backbone_weights", "load_backbone_weights"]
 
 logger = logging.getLogger(__name__)
-#: Key prefixes a backbone checkpoint may use: a full detector's, a detectron2 backbone's, or none.
+#: Key prefixes a backbone checkpoint may use besides the model's own: a detector with an FPN, a detectron2
+#: backbone with a bottom-up network, or none (an ImageNet classifier's backbone).
 _PREFIXES = ("backbone.bottom_up.", "bottom_up.", "")
 
 
 def _bottom_up(model: nn.Module) -> tuple[str, nn.Module]:
-    backbone = getattr(model, "backbone", None)
-    bottom_up = getattr(backbone, "bottom_up", backbone)
-    if bottom_up is None:
+    """The bottom-up network a low-bit ImageNet backbone replaces, and its key prefix in the model.
+
+    ``backbone.bottom_up`` of an FPN, ``backbone.bottom_up.backbone`` of AdelaiDet's BiFPN (its bottom-up
+    wraps the network with the extra top-level convs, which stay the detector's), or ``backbone`` itself.
+    """
+    module = getattr(model, "backbone", None)
+    if module is None:
         raise ValueError(f"MODEL.QUANTIZATION.BACKBONE_WEIGHTS: {type(model).__name__} has no backbone")
-    return ("backbone.bottom_up." if bottom_up is not backbone else "backbone."), bottom_up
+    prefix = "backbone."
+    for attr in ("bottom_up", "backbone"):
+        inner = getattr(module, attr, None)
+        if isinstance(inner, nn.Module):
+            module, prefix = inner, f"{prefix}{attr}."
+    return prefix, module
 
 
 def _backbone_state(model: nn.Module, path: str | Path) -> dict[str, torch.Tensor]:
     """The checkpoint at `path` as a state dict of the model's (bottom-up) backbone, checked to match it."""
     data = torch.load(path, map_location="cpu", weights_only=False)
     state = data.get("model", data) if isinstance(data, dict) else data
-    _, bottom_up = _bottom_up(model)
+    own_prefix, bottom_up = _bottom_up(model)
     expected = set(bottom_up.state_dict())
     stripped: dict[str, torch.Tensor] = {}
-    for prefix in _PREFIXES:
+    for prefix in dict.fromkeys((own_prefix, *_PREFIXES)):
         stripped = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if expected & set(stripped):
             break
