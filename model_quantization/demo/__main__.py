@@ -60,7 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="train the float models again even when a run with the same config hash is cached",
     )
-    return parser.parse_args(argv)  # fmt: skip
+    args = parser.parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in args.models if m not in MODELS]
+    if unknown or not args.models:
+        parser.error(f"--models: unknown {unknown or 'empty list'}; choose from {', '.join(MODELS)}")
+    return args
 
 
 def _setup_logging(output_dir: Path) -> None:
@@ -129,8 +134,7 @@ class Progress:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     mode = MODES[args.mode]
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    plan = variants(mode, models)
+    plan = variants(mode, args.models)
     output_dir = (args.output_dir or ROOT / "output" / "demo" / mode.name).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     _setup_logging(output_dir)

@@ -150,3 +150,14 @@ def test_default_mode_runs_the_configs_own_schedule(patched_tree, tmp_path):
         for key in ("MAX_ITER", "STEPS", "WARMUP_ITERS", "BASE_LR"):
             assert ours.SOLVER[key] == theirs.SOLVER[key], (variant.key, key)
         assert (ROOT / variant.config).is_file()
+
+
+def test_unknown_model_is_a_usage_error_naming_the_choices(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "model_quantization.demo", "--quick", "--models", "retinanet,yolo",
+         "--output-dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "--models: unknown ['yolo']; choose from retinanet, fcos" in proc.stderr
+    assert not any(tmp_path.iterdir())  # nothing started
