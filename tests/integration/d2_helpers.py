@@ -253,3 +253,37 @@ def assert_resume_is_exact(tmp_path: Path, config: Path) -> None:
     for key, value in expected_state.items():
         assert torch.equal(resumed["state"][key], value), key
     assert resumed["loss"] == expected_loss
+
+
+def double_init(
+    tmp_path: Path, float_config: Path, quantized_config: Path, backbone_prefix: str, with_masks=False
+):
+    """Build the double-init case: a float detector checkpoint (from `float_config`), a "low-bit backbone"
+    checkpoint (the part at `backbone_prefix` of another quantized model, steps initialised from data,
+    keys as a backbone has them), and the `quantized_config` model loaded with both.
+
+    Returns ``(float_state, backbone_state, model)``.
+    """
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
+
+    torch.manual_seed(1)
+    float_model = build_model(load_cfg(float_config))
+    DetectionCheckpointer(float_model, str(tmp_path)).save("float_detector")
+    torch.manual_seed(2)
+    source = build_model(load_cfg(quantized_config))
+    source.train()
+    with EventStorage(0):
+        source(shapes_batch(2, with_masks=with_masks))
+    backbone_state = source.get_submodule(backbone_prefix.rstrip(".")).state_dict()
+    torch.save(backbone_state, tmp_path / "low_bit_backbone.pth")
+
+    cfg = load_cfg(
+        quantized_config,
+        "MODEL.WEIGHTS", str(tmp_path / "float_detector.pth"),
+        "MODEL.QUANTIZATION.BACKBONE_WEIGHTS", str(tmp_path / "low_bit_backbone.pth"),
+    )  # fmt: skip
+    model = build_model(cfg)
+    DetectionCheckpointer(model, str(tmp_path)).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
+    return float_model.state_dict(), backbone_state, model

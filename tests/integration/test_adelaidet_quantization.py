@@ -19,6 +19,7 @@ from .d2_helpers import (
     assert_same_as_unpatched,
     build_and_check,
     config_files,
+    double_init,
     load_cfg,
     quantizer_state,
     shapes_batch,
@@ -286,33 +287,15 @@ def test_adelaidet_backbones_quantize_every_residual_sum_and_match_the_pins_when
 def test_bifpn_double_init_replaces_only_the_wrapped_resnet(patched_tree, tmp_path) -> None:
     """BiFPN's bottom-up wraps the ResNet with its extra top-level convs: a low-bit ResNet checkpoint
     (keys as an ImageNet backbone has them) replaces the ResNet only; everything else is the detector's."""
-    from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.modeling import build_model
-    from detectron2.utils.events import EventStorage
-
-    torch.manual_seed(1)
-    float_model = build_model(load_cfg(SHAPES / "Base-CondInst-R18-BiFPN.yaml"))
-    DetectionCheckpointer(float_model, str(tmp_path)).save("float_detector")
-    torch.manual_seed(2)
-    source = build_model(load_cfg(BIFPN))
-    source.train()
-    with EventStorage(0):
-        source(shapes_batch(2, with_masks=True))
-    resnet_state = source.backbone.bottom_up.backbone.state_dict()
+    resnet = "backbone.bottom_up.backbone."
+    float_state, resnet_state, model = double_init(
+        tmp_path, SHAPES / "Base-CondInst-R18-BiFPN.yaml", BIFPN, resnet, with_masks=True
+    )
     assert any(k.endswith(".step") for k in resnet_state) and "stem.conv1.weight" in resnet_state
-    torch.save(resnet_state, tmp_path / "resnet_w4a4.pth")
-
-    cfg = load_cfg(
-        BIFPN,
-        "MODEL.WEIGHTS", str(tmp_path / "float_detector.pth"),
-        "MODEL.QUANTIZATION.BACKBONE_WEIGHTS", str(tmp_path / "resnet_w4a4.pth"),
-    )  # fmt: skip
-    model = build_model(cfg)
-    DetectionCheckpointer(model, str(tmp_path)).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
     state = model.state_dict()
     for key, value in resnet_state.items():
-        assert torch.equal(state[f"backbone.bottom_up.backbone.{key}"], value), key
-    others = [k for k in float_model.state_dict() if not k.startswith("backbone.bottom_up.backbone.")]
+        assert torch.equal(state[resnet + key], value), key
+    others = [k for k in float_state if not k.startswith(resnet)]
     assert any(k.startswith("backbone.bottom_up.res6.") for k in others)  # the top level stays the detector's
     for key in others:
-        assert torch.equal(state[key], float_model.state_dict()[key]), key
+        assert torch.equal(state[key], float_state[key]), key

@@ -20,6 +20,7 @@ from .d2_helpers import (
     assert_same_as_unpatched,
     build_and_check,
     config_files,
+    double_init,
     load_cfg,
     quantizer_state,
     shapes_batch,
@@ -253,34 +254,16 @@ def test_ddp_two_gloo_processes_keep_quantizers_identical(patched_tree, tmp_path
 
 
 def test_double_init_float_detector_then_quantized_backbone(patched_tree, tmp_path: Path) -> None:
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
-    from detectron2.utils.events import EventStorage
 
     config = SHAPES / "retinanet_R_18_FPN_fullbn_lsq_w2a2.yaml"
-    torch.manual_seed(1)
-    float_model = build_model(load_cfg(SHAPES / "retinanet_R_18_FPN_fullbn_float.yaml"))
-    DetectionCheckpointer(float_model, str(tmp_path)).save("float_detector")
-    # A "low-bit backbone": another quantized model, initialised from data, saved as a backbone state dict.
-    torch.manual_seed(2)
-    source = build_model(load_cfg(config))
-    source.train()
-    with EventStorage(0):
-        source(shapes_batch(2))
-    backbone_state = source.backbone.bottom_up.state_dict()
-    torch.save(backbone_state, tmp_path / "backbone_w2a2.pth")
-
-    cfg = load_cfg(
-        config,
-        "MODEL.WEIGHTS", str(tmp_path / "float_detector.pth"),
-        "MODEL.QUANTIZATION.BACKBONE_WEIGHTS", str(tmp_path / "backbone_w2a2.pth"),
-    )  # fmt: skip
-    model = build_model(cfg)
-    DetectionCheckpointer(model, str(tmp_path)).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
+    float_state, backbone_state, model = double_init(
+        tmp_path, SHAPES / "retinanet_R_18_FPN_fullbn_float.yaml", config, "backbone.bottom_up."
+    )
     state = model.state_dict()
     for key, value in backbone_state.items():
         assert torch.equal(state[f"backbone.bottom_up.{key}"], value), key
-    for key, value in float_model.state_dict().items():
+    for key, value in float_state.items():
         if not key.startswith("backbone.bottom_up."):
             assert torch.equal(state[key], value), key
     quantizers = quantizer_state(model)
