@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .plan import MODELS, MODES, ROOT, Mode, Variant, variants
 from .report import markdown_table, plot_ap_vs_bits, plot_loss_curves, write_table
-from .run import PhaseResult, run_variant
+from .run import PhaseResult, build_cfg, run_variant
 
 logger = logging.getLogger("model_quantization.demo")
 
@@ -97,7 +97,7 @@ class Progress:
         self.float_speed = PRIOR_FLOAT_SECONDS_PER_ITER
         self.qat_speed = PRIOR_FLOAT_SECONDS_PER_ITER * PRIOR_QAT_OVER_FLOAT
         self.eval_seconds = PRIOR_EVAL_SECONDS
-        self.float_measured = self.qat_measured = False
+        self.qat_measured = False
 
     def _estimate(self, variant: Variant) -> float:
         iterations = self.mode.float_iters if variant.from_scratch else self.mode.quant_iters
@@ -122,7 +122,6 @@ class Progress:
             self.float_speed = result.seconds_per_iter
             if not self.qat_measured:
                 self.qat_speed = result.seconds_per_iter * PRIOR_QAT_OVER_FLOAT
-            self.float_measured = True
         else:
             self.qat_speed = result.seconds_per_iter
             self.qat_measured = True
@@ -155,8 +154,6 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = list(results.values())
     wall = time.perf_counter() - progress.start
-    from .run import build_cfg
-
     dataset = ", ".join(build_cfg(plan[0], mode, None, output_dir).DATASETS.TEST)
     md, js = write_table(rows, output_dir, {"mode": mode.name, "wall_seconds": round(wall, 1),
                                             "test_dataset": dataset})  # fmt: skip
@@ -173,8 +170,6 @@ def _check_full_inputs(plan: list[Variant], mode: Mode) -> None:
     """``--full`` reads COCO from detectron2's dataset root and ImageNet backbone weights from the float
     configs' ``MODEL.WEIGHTS``; fail before training, naming every missing file."""
     import os
-
-    from .run import build_cfg
 
     root = Path(os.environ.get("DETECTRON2_DATASETS", "datasets"))
     missing = [

@@ -124,8 +124,6 @@ class Mode:
             the config's own schedule (``full``).
         test_dataset: evaluation split (None: the config's ``DATASETS.TEST``).
         device: ``cpu`` for the CPU modes; None keeps the config's ``MODEL.DEVICE``.
-        budget_s: the wall-clock budget this mode is sized for on its reference machine (for the ETA
-            line; nothing is cut short).
     """
 
     name: str
@@ -134,7 +132,6 @@ class Mode:
     quant_iters: int | None
     test_dataset: str | None
     device: str | None
-    budget_s: float
 
     def schedule_opts(self, variant: Variant) -> list:
         """Config overrides (``merge_from_list`` pairs) that scale the schedule of `variant`."""
@@ -155,11 +152,10 @@ class Mode:
 
 MODES: dict[str, Mode] = {
     "quick": Mode("quick", "shapes", float_iters=40, quant_iters=10, test_dataset="shapes_quick_val",
-                  device="cpu", budget_s=180),
+                  device="cpu"),
     "default": Mode("default", "shapes", float_iters=800, quant_iters=200, test_dataset=None,
-                    device="cpu", budget_s=900),
-    "full": Mode("full", "coco", float_iters=None, quant_iters=None, test_dataset=None, device=None,
-                 budget_s=float("inf")),
+                    device="cpu"),
+    "full": Mode("full", "coco", float_iters=None, quant_iters=None, test_dataset=None, device=None),
 }  # fmt: skip
 
 

@@ -141,7 +141,7 @@ def test_default_mode_runs_the_configs_own_schedule(patched_tree, tmp_path):
     from model_quantization.demo.run import build_cfg
 
     default = MODES["default"]
-    as_configured = Mode("configured", "shapes", None, None, None, None, budget_s=0)
+    as_configured = Mode("configured", "shapes", None, None, None, None)
     for variant in variants(default):
         ours, theirs = (
             build_cfg(variant, default, None, tmp_path),
