@@ -211,14 +211,15 @@ def tracked_changes(repo: Path) -> list[str]:
 
 
 def operation_in_progress(repo: Path) -> str | None:
+    """The git command whose unfinished state sits in `repo`'s git dir: "am", "rebase" or "merge"."""
     gd = git_dir(repo)
-    for marker, what in (
-        ("rebase-apply", "git am / rebase"),
-        ("rebase-merge", "rebase"),
-        ("MERGE_HEAD", "merge"),
-    ):
-        if (gd / marker).exists():
-            return what
+    if (gd / "rebase-apply").exists():
+        # `git rebase --apply` shares the directory with `git am`; it marks it as its own.
+        return "rebase" if (gd / "rebase-apply" / "rebasing").exists() else "am"
+    if (gd / "rebase-merge").exists():
+        return "rebase"
+    if (gd / "MERGE_HEAD").exists():
+        return "merge"
     return None
 
 
@@ -272,28 +273,110 @@ def _check_pin_is_upstream(repo: Path, name: str, pin: str, stamp: dict | None) 
         )
 
 
-def _check_safe_to_reset(repo: Path, name: str, pin: str, stamp: dict | None, force: bool) -> None:
+def _matching_prefix(exported: list[Path], series: Series) -> int:
+    """How many of `exported`, in order, are the series' own patch files, byte for byte."""
+    count = 0
+    for patch, entry in zip(exported, series.entries, strict=False):
+        mine = series.directory / entry
+        if patch.name != entry or not mine.is_file() or mine.read_bytes() != patch.read_bytes():
+            break
+        count += 1
+    return count
+
+
+def _carried(repo: Path, base: str | None, series: Series) -> tuple[int, list[str]] | None:
+    """How far HEAD got through the series on top of `base`.
+
+    Returns:
+        (k, others): HEAD is `base` + the first k patches of the series (exported byte for byte) + the
+        commits `others`. None when HEAD does not descend from `base`.
+    """
+    if not base or not rev_exists(repo, base):
+        return None
+    if git(repo, "merge-base", "--is-ancestor", base, "HEAD", check=False).returncode != 0:
+        return None
+    commits = _series_commits(repo, base)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            count = _matching_prefix(_format_patches(repo, base, Path(tmp)), series)
+        except PatchError:  # two commits share a subject: whatever they are, they are not the series
+            count = 0
+    return count, commits[count:]
+
+
+def _finish_series_advice(repo: Path, name: str, others: list[str]) -> str:
+    """The commands that bring back the whole series and then the commits `others` on top of it."""
+    head = git_out(repo, "rev-parse", "HEAD")
+    advice = (
+        f"Run `nox -s patches -- apply {name} --force` to apply the whole series (it stashes uncommitted "
+        f"changes and keeps HEAD as {BACKUP_REF_PREFIX}{head})"
+    )
+    if not others:
+        return advice + "."
+    start = git_out(repo, "rev-parse", f"{others[0]}~1")
+    return (
+        f"{advice}, put your {len(others)} commit(s) back on top with "
+        f"`git -C external/{name} cherry-pick {start}..{head}`, then export again."
+    )
+
+
+def _check_busy(repo: Path, name: str, force: bool) -> None:
+    """Refuse to work over an unfinished git command, pointing to what finishes it.
+
+    A `git am` that is not a refresh's is most likely a killed `apply`'s, and `refresh --continue` cannot
+    finish it: --force clears it instead (`apply` re-applies the whole series anyway, and the caller stashes
+    whatever a half-applied patch left in the work tree).
+    """
+    busy = operation_in_progress(repo)
+    if busy == "am" and _state_path(repo).exists():
+        raise PatchError(
+            f"external/{name}: a refresh stopped at a conflict; nothing was changed. Resolve it and run "
+            f"`nox -s patches -- refresh {name} --continue`, or give it up: `git -C external/{name} am --abort`."
+        )
+    if busy == "am" and force:
+        git(repo, "am", "--quit")
+        print(f"external/{name}: cleared the state of an interrupted `git am`")
+    elif busy == "am":
+        raise PatchError(
+            f"external/{name}: an interrupted `git am` (a killed `apply`?) left its state in "
+            f"{git_dir(repo) / 'rebase-apply'}; nothing was changed. Run `nox -s patches -- apply {name} --force`: "
+            "it clears that state, stashes uncommitted changes, and applies the whole series."
+        )
+    elif busy:
+        raise PatchError(
+            f"external/{name} has a {busy} in progress; nothing was changed. Finish it "
+            f"(`git -C external/{name} {busy} --continue`) or abort it (`git -C external/{name} {busy} --abort`)."
+        )
+
+
+def _check_safe_to_reset(
+    repo: Path, name: str, pin: str, stamp: dict | None, force: bool, series: Series
+) -> None:
     """Refuse to move a submodule that carries work the series does not contain, unless forced.
 
     Forced, the work is still kept: edits go to `git stash`, commits stay reachable from a backup ref.
     """
-    busy = operation_in_progress(repo)
-    if busy:
-        raise PatchError(
-            f"external/{name} has a {busy} in progress. Finish it (`nox -s patches -- refresh {name} --continue`)"
-            f" or abort it (`git -C external/{name} am --abort`) first."
-        )
+    _check_busy(repo, name, force)
     head = git_out(repo, "rev-parse", "HEAD")
     edits = tracked_changes(repo)
     # HEAD is "ours" when it is the last applied/exported series or a plain upstream commit we know of
     # (the pin, or the pin of the last apply when the superproject moved it since).
     known = {pin} | ({stamp.get("head"), stamp.get("pin"), stamp.get("upstream")} if stamp else set())
     ours = head in known
-    upstream = stamp.get("upstream") if stamp else pin
-    foreign = (
-        [] if ours else _series_commits(repo, upstream) if upstream and rev_exists(repo, upstream) else []
-    )
+    if stamp:
+        upstream = stamp.get("upstream")
+    else:  # an `apply` that was killed wrote no stamp yet, but it did record the upstream it started from
+        upstream = git_out(repo, "rev-parse", "--verify", "--quiet", UPSTREAM_REF, check=False) or pin
+    carried = None if ours or force else _carried(repo, upstream, series)
     if not force:
+        if carried and carried[0] < len(series.entries):
+            count, others = carried
+            detail = f" and {len(others)} other commit(s)" if others else " (an interrupted `apply`?)"
+            raise PatchError(
+                f"external/{name} carries only {count} of the {len(series.entries)} patches in "
+                f"patches/{name}/series{detail}; nothing was changed. "
+                + _finish_series_advice(repo, name, others)
+            )
         if edits:
             raise PatchError(
                 f"external/{name} has uncommitted changes; nothing was changed:\n  "
@@ -303,8 +386,8 @@ def _check_safe_to_reset(repo: Path, name: str, pin: str, stamp: dict | None, fo
             )
         if not ours:
             detail = (
-                f"{len(foreign)} commit(s) on top of upstream that are not the recorded series"
-                if foreign
+                f"{len(carried[1])} commit(s) on top of upstream that are not the recorded series"
+                if carried
                 else f"HEAD {head[:12]} is neither the pin nor the last applied series"
             )
             raise PatchError(
@@ -350,11 +433,13 @@ def apply_series(project: Project, name: str, force: bool = False, three_way: bo
     ):
         print(f"external/{name}: already at pin {pin[:12]} + {len(patches)} patch(es); nothing to do")
         return head
-    _check_safe_to_reset(repo, name, pin, stamp, force)
+    _check_safe_to_reset(repo, name, pin, stamp, force, series)
 
+    # The stamp goes first: until the series is complete, no stamp tells `export` (and the next `apply`)
+    # that HEAD may stop short of the series, should this process be killed.
+    stamp_path.unlink(missing_ok=True)
     git(repo, "checkout", "--quiet", "--detach", pin)
     git(repo, "update-ref", UPSTREAM_REF, pin)
-    stamp_path.unlink(missing_ok=True)
     for index, patch in enumerate(patches):
         proc = _am_one(repo, patch, three_way)
         if proc.returncode != 0:
@@ -408,8 +493,19 @@ def _format_patches(repo: Path, base: str, out_dir: Path) -> list[Path]:
     return result
 
 
-def export_series(project: Project, name: str) -> list[str]:
-    """Regenerate patches/<name> from the commits between the upstream ref and HEAD. Returns the series."""
+def export_series(project: Project, name: str, drop_ok: bool = False) -> list[str]:
+    """Regenerate patches/<name> from the commits between the upstream ref and HEAD.
+
+    Args:
+        project: the superproject.
+        name: the series (and submodule) name.
+        drop_ok: let series entries go that HEAD lacks even where no `apply` or `export` ever completed
+            (refresh applied every entry itself and reports the ones that became empty). Otherwise HEAD
+            may simply have stopped short of the series (a killed `apply`), and export refuses.
+
+    Returns:
+        The new series entries.
+    """
     repo = project.submodule(name)
     series_dir = project.patches_dir / name
     old = Series.load(series_dir, name) if (series_dir / "series").is_file() else Series(name, series_dir)
@@ -420,11 +516,25 @@ def export_series(project: Project, name: str) -> list[str]:
         )
     if tracked_changes(repo):
         print(f"warning: external/{name} has uncommitted changes; only commits are exported")
+    stamp_path = git_dir(repo) / STAMP_FILE
+    # Only a finished `apply` or `export` leaves a stamp: without one, HEAD may be a killed `apply`'s.
+    completed = read_json(stamp_path) is not None
     with tempfile.TemporaryDirectory() as tmp:
         fresh = _format_patches(repo, base, Path(tmp))
         new_entries = [p.name for p in fresh]
+        dropped = [e for e in old.entries if e not in new_entries]
+        if dropped and not completed and not drop_ok:
+            count = _matching_prefix(fresh, old)
+            others = _series_commits(repo, base)[count:]
+            raise PatchError(
+                f"external/{name} carries only {count} of the {len(old.entries)} patches in "
+                f"patches/{name}/series"
+                + (f" and {len(others)} other commit(s)" if others else "")
+                + f", and no `apply` finished there (killed?): exporting would drop {', '.join(dropped)}. "
+                "Nothing was written. " + _finish_series_advice(repo, name, others)
+            )
         series_dir.mkdir(parents=True, exist_ok=True)
-        for stale in set(old.entries) - set(new_entries):
+        for stale in dropped:
             (series_dir / stale).unlink(missing_ok=True)
         changed = []
         for patch in fresh:
@@ -439,13 +549,11 @@ def export_series(project: Project, name: str) -> list[str]:
     if not series_file.is_file() or series_file.read_text(encoding="utf-8") != series_text:
         series_file.write_text(series_text, encoding="utf-8")
         changed.append("series")
-    dropped = [e for e in old.entries if e not in new_entries]
     summary = f"rewrote {', '.join(changed)}" if changed else "byte-identical, nothing changed"
     print(f"patches/{name}: exported {len(new_entries)} patch(es); {summary}")
     if dropped:
         print(f"patches/{name}: no longer in the series: {', '.join(dropped)}")
     # Record the exported state so that a following `apply` recognises HEAD as the series.
-    stamp_path = git_dir(repo) / STAMP_FILE
     head = git_out(repo, "rev-parse", "HEAD")
     write_json(
         stamp_path,
@@ -575,7 +683,13 @@ def refresh_series(
     if resume:
         state = read_json(state_path)
         if state is None:
-            raise PatchError(f"external/{name}: no refresh in progress (nothing to --continue)")
+            stale_am = (
+                f" The `git am` in progress there is not a refresh's (a killed `apply`?): run "
+                f"`nox -s patches -- apply {name} --force`."
+                if operation_in_progress(repo) == "am"
+                else ""
+            )
+            raise PatchError(f"external/{name}: no refresh in progress (nothing to --continue).{stale_am}")
         if operation_in_progress(repo):
             unresolved = git_out(repo, "diff", "--name-only", "--diff-filter=U").split()
             if unresolved:
@@ -600,7 +714,7 @@ def refresh_series(
         patches = series.patch_paths()
         base = base or project.pin(name)
         stamp = read_json(git_dir(repo) / STAMP_FILE)
-        _check_safe_to_reset(repo, name, project.pin(name), stamp, force=False)
+        _check_safe_to_reset(repo, name, project.pin(name), stamp, False, series)
         git(repo, "checkout", "--quiet", "--detach", base)
         git(repo, "update-ref", UPSTREAM_REF, base)
         # Keep our own copy of the patches: the series directory is rewritten by the final export.
@@ -633,7 +747,7 @@ def refresh_series(
             state["dropped"].append(entry)
         state["remaining"] = state["remaining"][1:]
         write_json(state_path, state)
-    entries = export_series(project, name)
+    entries = export_series(project, name, drop_ok=True)
     for entry in state["dropped"]:
         print(f"patches/{name}: dropped {entry}: it is empty on {state['base'][:12]} (upstream absorbed it)")
     shutil.rmtree(saved, ignore_errors=True)
