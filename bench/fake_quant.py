@@ -35,7 +35,7 @@ except ImportError:  # running from a source checkout without installing the pac
 
 from model_quantization import functional as F  # noqa: E402
 from model_quantization.kernels import cpu as cpu_kernels  # noqa: E402
-from model_quantization.quantizers import QUANTIZERS  # noqa: E402
+from model_quantization.quantizers import QUANTIZERS, QuantizerRecipe, build_quantizer  # noqa: E402
 
 DEFAULT_SHAPE = (8, 64, 64, 64)
 LSQ_TARGET_RATIO = 2.0  # fused LSQ forward+backward should cost at most twice the ReLU floor
@@ -117,7 +117,8 @@ def _cases(x: torch.Tensor, bits: int, with_compile: bool) -> list[tuple[str, Ca
     for name in QUANTIZERS.names():
         cls = QUANTIZERS.get(name)
         signed = True in cls.signedness["activation"]
-        quantizer = cls(bits=1 if name == "binary" else bits, signed=signed, role="activation")
+        recipe = QuantizerRecipe(name, bits=1 if name == "binary" else bits, signed=signed)
+        quantizer = build_quantizer(recipe, "activation")
         quantizer.train()
         quantizer(x if signed else x.relu())  # data-driven initialisation outside the timed region
         note = f"{quantizer.__class__.__name__}, {'signed' if signed else 'unsigned, input relu(x)'}"

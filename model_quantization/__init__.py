@@ -14,14 +14,14 @@ Typical use::
 
 Packages by concern: :mod:`~model_quantization.quantizers` (one module per method, registry
 ``QUANTIZERS``), :mod:`~model_quantization.functional` (fused fake-quant functions),
-:mod:`~model_quantization.nn` (quantized modules, ``Add``, per-level norm), :mod:`~model_quantization.spec`
+:mod:`~model_quantization.nn` (quantized modules, ``Add``), :mod:`~model_quantization.spec`
 and :mod:`~model_quantization.convert`. Integrations (``model_quantization.detectron2``, ...) are separate
 subpackages and are never imported from here.
 """
 
 from model_quantization.convert import ConversionReport, ConversionResult, convert
 from model_quantization.distributed import all_reduce_mean
-from model_quantization.nn import Add, PerLevelNorm, QAdd, QConv2d, QConvTranspose2d, QLinear, select_level
+from model_quantization.nn import Add, QAdd, QConv2d, QConvTranspose2d, QLinear
 from model_quantization.quantizers import QUANTIZERS, Quantizer, build_quantizer, calibration
 from model_quantization.spec import QuantizerRecipe, QuantSpec, Rule
 
@@ -32,7 +32,6 @@ __all__ = [
     "Add",
     "ConversionReport",
     "ConversionResult",
-    "PerLevelNorm",
     "QAdd",
     "QConv2d",
     "QConvTranspose2d",
@@ -45,5 +44,4 @@ __all__ = [
     "build_quantizer",
     "calibration",
     "convert",
-    "select_level",
 ]

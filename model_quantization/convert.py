@@ -23,16 +23,15 @@ from model_quantization.nn import (
     quantized_class,
     quantized_module_for,
 )
-from model_quantization.quantizers import QUANTIZERS, Quantizer
+from model_quantization.quantizers import Quantizer, build_quantizer
 from model_quantization.registry import close_matches
-from model_quantization.spec import QuantizerRecipe, QuantSpec, Resolution
+from model_quantization.spec import QuantSpec, Resolution
 
 __all__ = [
     "ConversionReport",
     "ConversionResult",
     "FloatRow",
     "QuantizedRow",
-    "build_quantizer_from_recipe",
     "convert",
 ]
 
@@ -125,31 +124,8 @@ def _has_own_state(module: nn.Module) -> bool:
 
 def _is_norm(module: nn.Module) -> bool:
     # detectron2's FrozenBatchNorm2d (buffers only) / NaiveSyncBatchNorm and the like are recognised by
-    # name; containers such as PerLevelNorm have no state of their own and are not listed themselves.
+    # name; containers of norms have no state of their own and are not listed themselves.
     return _has_own_state(module) and (isinstance(module, _NORM_TYPES) or "Norm" in type(module).__name__)
-
-
-def build_quantizer_from_recipe(
-    recipe: QuantizerRecipe,
-    role: str,
-    *,
-    channel_axis: int = 0,
-    num_channels: int | None = None,
-    owner: str = "",
-) -> Quantizer:
-    """Instantiate the quantizer a recipe describes (activations are always per-tensor)."""
-    per_channel = role == "weight" and recipe.granularity == "per_channel"
-    quantizer = QUANTIZERS.get(recipe.method)(
-        bits=recipe.bits,
-        signed=recipe.signed,
-        granularity="per_channel" if per_channel else "per_tensor",
-        role=role,
-        channel_axis=channel_axis,
-        num_channels=num_channels if per_channel else None,
-        **recipe.options,
-    )
-    quantizer.owner = owner
-    return quantizer
 
 
 def _method_label(weight: Quantizer | None, activation: Quantizer) -> str:
@@ -172,16 +148,14 @@ def _prepare(
     float_type = type(module).__name__
     own = next(module.parameters(recurse=False), None)
     device = own.device if own is not None else device  # Add has no parameters: the model's device
-    activation_q = build_quantizer_from_recipe(plan.activation, "activation", owner=f"{name} (input)").to(
-        device
-    )
+    activation_q = build_quantizer(plan.activation, "activation", owner=f"{name} (input)").to(device)
     if issubclass(handler, QDynamicConv2d):  # weights arrive with each call: no parameter to size by
         if plan.weight.granularity == "per_channel":
             raise ValueError(
                 f"module {name!r}: its weights are generated per call (e.g. CondInst's mask head); "
                 f"use granularity 'per_tensor' for it"
             )
-        weight_q = build_quantizer_from_recipe(plan.weight, "weight", owner=f"{name} (weight)").to(device)
+        weight_q = build_quantizer(plan.weight, "weight", owner=f"{name} (weight)").to(device)
         quantizers = {"weight_quantizer": weight_q, "input_quantizer": activation_q}
         w_bits, granularity = weight_q.bits_label, weight_q.granularity if weight_q.enabled else "-"
     elif issubclass(handler, QuantizedWeightModule):
@@ -191,7 +165,7 @@ def _prepare(
                 f"module {name!r}: per_channel weights of a grouped {float_type} are not supported; "
                 f"use granularity 'per_tensor' for it"
             )
-        weight_q = build_quantizer_from_recipe(
+        weight_q = build_quantizer(
             plan.weight,
             "weight",
             channel_axis=axis,
@@ -211,7 +185,7 @@ def _prepare(
             if spec.align_add_inputs
             else dataclasses.replace(plan.activation, bits=None, options={})
         )
-        input_q = build_quantizer_from_recipe(recipe, "activation", owner=f"{name} (inputs)").to(device)
+        input_q = build_quantizer(recipe, "activation", owner=f"{name} (inputs)").to(device)
         quantizers = {"output_quantizer": activation_q, "input_quantizer": input_q}
         w_bits, granularity = "-", "-"
     row = QuantizedRow(

@@ -40,108 +40,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from model_quantization.quantizers import GRANULARITIES, MAX_BITS, QUANTIZERS
-from model_quantization.registry import did_you_mean
+from model_quantization.quantizers import QuantizerRecipe
+from model_quantization.quantizers.recipe import check_keys
 
 __all__ = ["QuantSpec", "QuantizerRecipe", "Resolution", "Rule"]
 
-OFF = "off"
-_RECIPE_KEYS = ("method", "bits", "signed", "granularity", "options")
 _RULE_KEYS = ("pattern", "skip", "weight", "activation")
 _SPEC_KEYS = ("weight", "activation", "rules", "align_add_inputs")
-
-
-def _check_keys(data: Mapping[str, Any], valid: tuple[str, ...], where: str) -> None:
-    if not isinstance(data, Mapping):
-        raise ValueError(
-            f"{where}: expected a mapping with keys {', '.join(valid)}, got {type(data).__name__}"
-        )
-    for key in data:
-        if key not in valid:
-            raise ValueError(f"unknown key {key!r} in {where}: {did_you_mean(str(key), valid)}")
-
-
-def _parse_bits(value: Any, where: str) -> int | None:
-    """``"off"``/``None`` -> None; an integer in [1, MAX_BITS] -> itself; anything else is an error."""
-    if value is None or value == OFF:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_BITS:
-        raise ValueError(f"{where}.bits: must be an integer in [1, {MAX_BITS}] or 'off', got {value!r}")
-    return value
-
-
-def _check_method(value: Any, where: str) -> str:
-    if not isinstance(value, str) or value not in QUANTIZERS:
-        raise ValueError(
-            f"{where}.method: unknown quantization method {value!r}: {did_you_mean(str(value), QUANTIZERS.names())}"
-        )
-    return value
-
-
-@dataclass(frozen=True)
-class QuantizerRecipe:
-    """How to build one quantizer: method, bit width (``None`` = off), signedness, granularity, options."""
-
-    method: str = "lsq"
-    bits: int | None = 4
-    signed: bool = True
-    granularity: str = "per_tensor"
-    options: Mapping[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], where: str = "recipe", base: QuantizerRecipe | None = None):
-        """Parse a recipe dict; with ``base``, only the given keys override it (rule overrides)."""
-        _check_keys(data, _RECIPE_KEYS, where)
-        base = base or cls()
-        fields = dict(method=base.method, bits=base.bits, signed=base.signed, granularity=base.granularity)
-        options = dict(base.options)
-        if "method" in data:
-            fields["method"] = _check_method(data["method"], where)
-            if fields["method"] != base.method:
-                options = {}  # options belong to a method; a new method starts from its own defaults
-        if "bits" in data:
-            fields["bits"] = _parse_bits(data["bits"], where)
-        if "signed" in data:
-            if not isinstance(data["signed"], bool):
-                raise ValueError(f"{where}.signed: must be true or false, got {data['signed']!r}")
-            fields["signed"] = data["signed"]
-        if "granularity" in data:
-            if data["granularity"] not in GRANULARITIES:
-                raise ValueError(
-                    f"{where}.granularity: unknown granularity {data['granularity']!r}: "
-                    f"{did_you_mean(str(data['granularity']), GRANULARITIES)}"
-                )
-            fields["granularity"] = data["granularity"]
-        if "options" in data:
-            if not isinstance(data["options"], Mapping):
-                raise ValueError(f"{where}.options: expected a mapping, got {type(data['options']).__name__}")
-            options.update(data["options"])
-        return cls(**fields, options=options)
-
-    def to_dict(self) -> dict[str, Any]:
-        data: dict[str, Any] = {
-            "method": self.method,
-            "bits": OFF if self.bits is None else self.bits,
-            "signed": self.signed,
-            "granularity": self.granularity,
-        }
-        if self.options:
-            data["options"] = dict(self.options)
-        return data
-
-    def validate(self, role: str, where: str) -> None:
-        """Check the recipe against its method's contract (``ValueError`` prefixed with ``where``)."""
-        _check_method(self.method, where)
-        _parse_bits(self.bits, where)
-        try:
-            QUANTIZERS.get(self.method).check_config(
-                self.bits, self.signed, self.granularity, role, **self.options
-            )
-        except ValueError as exc:
-            raise ValueError(f"{where}: {exc}") from None
-
-    def label(self) -> str:
-        return OFF if self.bits is None else f"{self.method}{self.bits}"
 
 
 @dataclass(frozen=True)
@@ -155,7 +60,7 @@ class Rule:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str) -> Rule:
-        _check_keys(data, _RULE_KEYS, where)
+        check_keys(data, _RULE_KEYS, where)
         if not isinstance(data.get("pattern"), str) or not data["pattern"]:
             raise ValueError(
                 f"{where}.pattern: a non-empty glob string is required, got {data.get('pattern')!r}"
@@ -166,7 +71,7 @@ class Rule:
         weight, activation = data.get("weight"), data.get("activation")
         for role, override in (("weight", weight), ("activation", activation)):
             if override is not None:
-                _check_keys(override, _RECIPE_KEYS, f"{where} ({data['pattern']!r}).{role}")
+                check_keys(override, QuantizerRecipe.KEYS, f"{where} ({data['pattern']!r}).{role}")
         return cls(
             pattern=data["pattern"],
             skip=skip,
@@ -222,7 +127,7 @@ class QuantSpec:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> QuantSpec:
         """Build and validate a spec from a nested dict (e.g. parsed YAML); see the module docstring."""
-        _check_keys(data, _SPEC_KEYS, "quantization spec")
+        check_keys(data, _SPEC_KEYS, "quantization spec")
         # An empty YAML section (``rules:``) parses as None: treat it like an absent one.
         weight = QuantizerRecipe.from_dict(data.get("weight") or {}, "weight", QuantizerRecipe(signed=True))
         activation = QuantizerRecipe.from_dict(

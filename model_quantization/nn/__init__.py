@@ -6,6 +6,7 @@ parameter names.
 
 from model_quantization.nn.add import Add, QAdd, QuantizedSumModule, QWeightedAdd, WeightedAdd
 from model_quantization.nn.base import (
+    QUANTIZED_MODULES,
     QuantizedModule,
     QuantizedWeightModule,
     quantized_class,
@@ -14,12 +15,11 @@ from model_quantization.nn.base import (
 )
 from model_quantization.nn.dynamic import DynamicConv2d, QDynamicConv2d
 from model_quantization.nn.layers import QConv2d, QConvTranspose2d, QLinear
-from model_quantization.nn.norm import PerLevelNorm, select_level
 
 __all__ = [
+    "QUANTIZED_MODULES",
     "Add",
     "DynamicConv2d",
-    "PerLevelNorm",
     "QAdd",
     "QConv2d",
     "QConvTranspose2d",
@@ -33,5 +33,4 @@ __all__ = [
     "quantized_class",
     "quantized_module_for",
     "register_quantized_module",
-    "select_level",
 ]

@@ -29,8 +29,10 @@ import torch
 from torch import nn
 
 from model_quantization.quantizers import Quantizer
+from model_quantization.registry import Registry
 
 __all__ = [
+    "QUANTIZED_MODULES",
     "QuantizedModule",
     "QuantizedWeightModule",
     "quantized_class",
@@ -38,23 +40,19 @@ __all__ = [
     "register_quantized_module",
 ]
 
-_HANDLERS: dict[type[nn.Module], type[QuantizedModule]] = {}
+
+def _set_float_type(float_type: type[nn.Module], qcls: type[QuantizedModule]) -> None:
+    qcls.float_type = float_type
+
+
+#: float module type -> the quantized class that converts it (and its subclasses).
+QUANTIZED_MODULES: Registry[type[QuantizedModule]] = Registry("quantized module for", _set_float_type)
 _DYNAMIC_CLASSES: dict[tuple[type, type], type] = {}
 
 
 def register_quantized_module(float_type: type[nn.Module]):
     """Class decorator: ``qcls`` converts modules whose type is ``float_type`` or a subclass of it."""
-
-    def decorator(qcls: type[QuantizedModule]) -> type[QuantizedModule]:
-        if float_type in _HANDLERS:
-            raise KeyError(
-                f"{float_type.__qualname__} already handled by {_HANDLERS[float_type].__qualname__}"
-            )
-        _HANDLERS[float_type] = qcls
-        qcls.float_type = float_type
-        return qcls
-
-    return decorator
+    return QUANTIZED_MODULES.register(float_type)
 
 
 def quantized_module_for(module_type: type[nn.Module]) -> type[QuantizedModule] | None:
@@ -64,10 +62,7 @@ def quantized_module_for(module_type: type[nn.Module]) -> type[QuantizedModule] 
     """
     if issubclass(module_type, QuantizedModule):
         return None
-    for klass in module_type.__mro__:
-        if klass in _HANDLERS:
-            return _HANDLERS[klass]
-    return None
+    return QUANTIZED_MODULES.for_type(module_type)
 
 
 def quantized_class(qbase: type[QuantizedModule], float_cls: type[nn.Module]) -> type[QuantizedModule]:

@@ -13,43 +13,79 @@ name           method
 ``percentile`` PTQ observer: mean of per-batch percentiles                    :class:`PercentileObserver`
 =============  =========================================================================================
 
-See :mod:`model_quantization.quantizers.base` for the contract every registered class fulfils.
+Every quantizer is built by :func:`build_quantizer` from a :class:`QuantizerRecipe`. See
+:mod:`model_quantization.quantizers.base` for the contract every registered class fulfils.
+
+Adding a method is one module: an options dataclass, a class, one decorator::
+
+    @dataclass(frozen=True)
+    class MyOptions(QuantizerOptions):
+        scale: float = 1.0
+
+    @QUANTIZERS.register("mine")
+    class MyQuantizer(Quantizer):
+        Options = MyOptions
+
+        def quantize(self, x):
+            ...
+
+        def integer_grid(self, x=None):
+            ...
 """
 
-from model_quantization.quantizers.base import GRANULARITIES, MAX_BITS, QUANTIZERS, ROLES, Quantizer
-from model_quantization.quantizers.binary import BinaryQuantizer
-from model_quantization.quantizers.dorefa import DoReFaQuantizer
-from model_quantization.quantizers.lqnet import LQNetQuantizer
-from model_quantization.quantizers.lsq import LSQQuantizer
+from model_quantization.quantizers.base import (
+    GRANULARITIES,
+    MAX_BITS,
+    QUANTIZERS,
+    ROLES,
+    GridUnavailable,
+    IntegerGrid,
+    Quantizer,
+    build_quantizer,
+)
+from model_quantization.quantizers.binary import BinaryOptions, BinaryQuantizer
+from model_quantization.quantizers.dorefa import DoReFaOptions, DoReFaQuantizer
+from model_quantization.quantizers.lqnet import LQNetOptions, LQNetQuantizer
+from model_quantization.quantizers.lsq import LSQOptions, LSQQuantizer
 from model_quantization.quantizers.observers import (
+    EMAOptions,
     MinMaxObserver,
     MovingAverageMinMaxObserver,
     ObserverQuantizer,
     PercentileObserver,
+    PercentileOptions,
     calibration,
 )
-from model_quantization.quantizers.pact import PACTQuantizer
+from model_quantization.quantizers.pact import PACTOptions, PACTQuantizer
+from model_quantization.quantizers.recipe import DataDrivenOptions, QuantizerOptions, QuantizerRecipe
 
 __all__ = [
     "GRANULARITIES",
     "MAX_BITS",
     "QUANTIZERS",
     "ROLES",
+    "BinaryOptions",
     "BinaryQuantizer",
+    "DataDrivenOptions",
+    "DoReFaOptions",
     "DoReFaQuantizer",
+    "EMAOptions",
+    "GridUnavailable",
+    "IntegerGrid",
+    "LQNetOptions",
     "LQNetQuantizer",
+    "LSQOptions",
     "LSQQuantizer",
     "MinMaxObserver",
     "MovingAverageMinMaxObserver",
     "ObserverQuantizer",
+    "PACTOptions",
     "PACTQuantizer",
     "PercentileObserver",
+    "PercentileOptions",
     "Quantizer",
+    "QuantizerOptions",
+    "QuantizerRecipe",
     "build_quantizer",
     "calibration",
 ]
-
-
-def build_quantizer(method: str, **kwargs) -> Quantizer:
-    """Instantiate the quantizer registered as ``method`` (``ValueError`` with close names if unknown)."""
-    return QUANTIZERS.get(method)(**kwargs)

@@ -1,17 +1,17 @@
-"""The quantizer contract shared by every method, and the registry that maps method names to classes.
+"""The quantizer contract shared by every method, its integer grid, and the registry of methods.
 
 Contract for a class registered in :data:`QUANTIZERS` (checked by ``tests/unit/test_registry.py`` for
 every registered name):
 
-* It subclasses :class:`Quantizer` and its constructor is
-  ``Cls(bits, signed, granularity, role, channel_axis, num_channels, **options)`` where ``options`` are
-  keyword-only and documented in the class docstring. ``bits=None`` means "off": the quantizer is the
-  identity and holds no state.
-* :meth:`Quantizer.check_config` validates a configuration *without* building a module, raising
-  ``ValueError`` that names the offending setting; the spec uses it to reject bad configs before any
-  model is touched.
-* ``forward(x)`` returns a tensor of the same shape and dtype on the grid the configuration describes
-  (at most ``2**bits`` distinct values per tensor or per channel; exactly 3 for ternary).
+* It subclasses :class:`Quantizer`, declares its options as a :class:`~.recipe.QuantizerOptions` dataclass
+  (``Options``) and is built from a :class:`~.recipe.QuantizerRecipe`, a role and the channel layout of
+  what it quantizes, by :func:`build_quantizer` (the one builder). Registering it under a name sets its
+  :attr:`Quantizer.method`. ``bits=None`` means "off": the quantizer is the identity and holds no state.
+* ``forward(x)`` returns a tensor of the same shape and dtype on the grid the recipe describes (at most
+  ``2**bits`` distinct values per tensor or per channel; exactly 3 for ternary).
+* :meth:`Quantizer.integer_grid` states that grid as integers and a scale (:class:`IntegerGrid`), or
+  raises :class:`GridUnavailable` saying why (LQ-Net's non-uniform levels). Export, the compact saved
+  activations and reports read that, never a quantizer's private attributes.
 * Every piece of state (learned step sizes, observed ranges, "initialised" flags) is a parameter or a
   persistent buffer, so ``state_dict()``/``load_state_dict()`` reproduce outputs exactly and a loaded
   checkpoint is never re-initialised from data. A state dict holding *none* of a quantizer's keys (a
@@ -22,43 +22,114 @@ every registered name):
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from model_quantization.distributed import all_reduce_mean
-from model_quantization.registry import Registry, did_you_mean
+from model_quantization.quantizers.recipe import (
+    GRANULARITIES,
+    MAX_BITS,
+    ROLES,
+    QuantizerOptions,
+    QuantizerRecipe,
+)
+from model_quantization.registry import Registry
 
-__all__ = ["GRANULARITIES", "MAX_BITS", "QUANTIZERS", "ROLES", "Quantizer"]
+__all__ = [
+    "GRANULARITIES",
+    "MAX_BITS",
+    "QUANTIZERS",
+    "ROLES",
+    "GridUnavailable",
+    "IntegerGrid",
+    "Quantizer",
+    "build_quantizer",
+]
 
-QUANTIZERS: Registry[type[Quantizer]] = Registry("quantization method")
 
-GRANULARITIES = ("per_tensor", "per_channel")
-ROLES = ("weight", "activation")
-MAX_BITS = 8
+def _set_method_name(name: str, cls: type[Quantizer]) -> None:
+    cls.method = name
+
+
+QUANTIZERS: Registry[type[Quantizer]] = Registry("quantization method", on_register=_set_method_name)
+
+#: Smallest step any quantizer uses: a dead (all-zero) input must never give a zero step.
+MIN_STEP = torch.finfo(torch.float32).tiny * 1e3
+
+
+class GridUnavailable(ValueError):
+    """A quantizer cannot state its output as integers times a scale (and says why)."""
+
+
+@dataclass(frozen=True)
+class IntegerGrid:
+    """A quantizer's output as integers: ``out == (codes - zero_point) * scale`` with integer ``codes``.
+
+    Attributes:
+        scale: positive step, shape ``()`` (per tensor) or ``(C,)`` (one per channel along ``axis``).
+        zero_point: the integer code of 0.0 (0 for every method here: signed grids are symmetric and
+            unsigned ones start at 0).
+        qmin, qmax: the integer range of the codes (a method may use a subset, e.g. DoReFa's odd codes).
+        axis: the channel axis of the quantized tensor that ``scale`` indexes; None per tensor.
+        rounding: ``"nearest"``, codes are ``clamp(round(x / scale) + zero_point, qmin, qmax)``
+            (round half to even); ``"sign"``, codes are ``qmax`` for ``x >= 0`` and ``qmin`` otherwise
+            (binary grids have no zero level).
+    """
+
+    scale: torch.Tensor
+    qmin: int
+    qmax: int
+    zero_point: int = 0
+    axis: int | None = None
+    rounding: str = "nearest"
+
+    def broadcast_scale(self, ndim: int) -> torch.Tensor:
+        """``scale`` shaped to broadcast against a tensor of ``ndim`` dimensions."""
+        if self.axis is None:
+            return self.scale.reshape(())
+        shape = [1] * ndim
+        shape[self.axis] = -1
+        return self.scale.reshape(shape)
+
+    def codes(self, out: torch.Tensor) -> torch.Tensor:
+        """The integer codes (as a float tensor) of ``out``, a tensor on this grid."""
+        return torch.round(out / self.broadcast_scale(out.dim()).to(out.dtype)) + self.zero_point
+
+    def dequantize(self, codes: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``(codes - zero_point) * scale`` in ``dtype``."""
+        values = codes.to(dtype) - self.zero_point if self.zero_point else codes.to(dtype)
+        return values * self.broadcast_scale(codes.dim()).to(dtype)
+
+    @property
+    def container(self) -> torch.dtype:
+        """The smallest 8-bit integer type that holds every code (uint8 when no code is negative)."""
+        return torch.uint8 if self.qmin >= 0 else torch.int8
 
 
 class Quantizer(nn.Module):
-    """Base class: bit width, signedness, granularity, role and the data-driven initialisation protocol.
+    """Base class: bit width, signedness, granularity, role, the grid and data-driven initialisation.
+
+    Built by :func:`build_quantizer` from a recipe; subclasses create their state in
+    :meth:`_create_state` (called only when the quantizer is on) and implement :meth:`quantize`.
 
     Args:
-        bits: 1..8, or ``None`` for "off" (identity).
-        signed: quantize to a grid with negative levels. Unsigned grids start at 0 and are only valid for
-            non-negative inputs; negative values in the first batch raise ``ValueError`` (see
-            :meth:`check_input`).
-        granularity: ``"per_tensor"`` or ``"per_channel"`` (weights only: one scale per output channel).
+        recipe: method, bits (``None`` = off), signedness, granularity and options; validated here.
         role: ``"weight"`` or ``"activation"``; some methods treat them differently (DoReFa, binary).
         channel_axis: the output-channel axis of the weight (0 for Conv2d/Linear, 1 for ConvTranspose2d).
         num_channels: size of that axis; required for per-channel state.
 
-    Subclasses set :attr:`roles` and :attr:`signedness` (allowed combinations), and, when they have
-    data-driven state, :attr:`data_driven` plus :meth:`_initial_values`.
+    Subclasses set :attr:`Options`, :attr:`roles` and :attr:`signedness` (allowed combinations), and, when
+    they have data-driven state, :attr:`data_driven` plus :meth:`_initial_values`.
     """
 
-    #: Registry name, set by subclasses.
+    #: Registry name, set when the class is registered in :data:`QUANTIZERS`.
     method: ClassVar[str] = ""
+    #: The method's options (defaults, types, checks).
+    Options: ClassVar[type[QuantizerOptions]] = QuantizerOptions
     #: Roles this method supports.
     roles: ClassVar[tuple[str, ...]] = ROLES
     #: role -> allowed values of ``signed``.
@@ -67,98 +138,60 @@ class Quantizer(nn.Module):
     bit_range: ClassVar[tuple[int, int]] = (1, MAX_BITS)
     #: Whether the method has state estimated from the first batch(es).
     data_driven: ClassVar[bool] = False
+    #: Whether the forward pass computes exactly ``codes * scale`` in the input's dtype, so that the
+    #: saved quantized input can be stored as codes (:meth:`compact`) and rebuilt bit for bit.
+    exact_codes: ClassVar[bool] = False
 
     def __init__(
         self,
-        bits: int | None = 8,
-        signed: bool = True,
-        granularity: str = "per_tensor",
+        recipe: QuantizerRecipe,
         role: str = "activation",
+        *,
         channel_axis: int = 0,
         num_channels: int | None = None,
-        **options: Any,
     ) -> None:
         super().__init__()
-        # Subclasses pass their keyword-only options through so that one check validates everything.
-        self.check_config(bits=bits, signed=signed, granularity=granularity, role=role, **options)
-        if granularity == "per_channel" and bits is not None and not num_channels:
+        if recipe.method != self.method:
+            raise ValueError(f"{type(self).__name__} implements {self.method!r}, not {recipe.method!r}")
+        self.options = recipe.validate(role)
+        if recipe.granularity == "per_channel" and recipe.bits is not None and not num_channels:
             raise ValueError(f"{self.method}: per_channel quantization needs num_channels")
-        self.bits = bits
-        self.signed = signed
-        self.granularity = granularity
+        self.recipe = recipe
         self.role = role
         self.channel_axis = channel_axis
-        self.num_channels = num_channels if granularity == "per_channel" else None
+        self.num_channels = num_channels if recipe.granularity == "per_channel" else None
         #: Qualified name of the owning module, set by ``convert`` so errors can say where they happened.
         self.owner: str = ""
         # Per process, not state: the signedness check runs on the first batch this process sees.
         self._input_checked = False
         self._known_initialized = False
-        if self.data_driven and bits is not None:
-            self.register_buffer("initialized", torch.tensor(False))
-            self.register_buffer("init_batches_seen", torch.tensor(0, dtype=torch.long))
+        if self.enabled:
+            if self.data_driven:
+                self.register_buffer("initialized", torch.tensor(False))
+                self.register_buffer("init_batches_seen", torch.tensor(0, dtype=torch.long))
+            self._create_state()
 
-    # ----------------------------------------------------------------------------------- configuration
-
-    @classmethod
-    def option_names(cls) -> tuple[str, ...]:
-        """Names of the method-specific keyword-only options accepted by the constructor."""
-        params = inspect.signature(cls.__init__).parameters.values()
-        return tuple(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
-
-    @classmethod
-    def check_config(
-        cls,
-        bits: int | None,
-        signed: bool,
-        granularity: str = "per_tensor",
-        role: str = "activation",
-        **options: Any,
-    ) -> None:
-        """Raise ``ValueError`` if this combination is not meaningful for the method.
-
-        The message names the offending setting and, for names, the closest valid ones.
-        """
-        name = cls.method or cls.__name__
-        if role not in ROLES:
-            raise ValueError(f"{name}: unknown role {role!r}: {did_you_mean(role, ROLES)}")
-        if role not in cls.roles:
-            raise ValueError(f"{name}: cannot quantize {role}s (supports: {', '.join(cls.roles)})")
-        if bits is not None:
-            low, high = cls.bit_range
-            if isinstance(bits, bool) or not isinstance(bits, int) or not low <= bits <= high:
-                raise ValueError(f"{name}: bits must be an integer in [{low}, {high}] or 'off', got {bits!r}")
-        if not isinstance(signed, bool):
-            raise ValueError(f"{name}: signed must be true or false, got {signed!r}")
-        if signed not in cls.signedness[role]:
-            raise ValueError(
-                f"{name}: {role}s must be {'signed' if not signed else 'unsigned'} for this method "
-                f"(signed={signed} is not supported)"
-            )
-        if granularity not in GRANULARITIES:
-            raise ValueError(
-                f"{name}: unknown granularity {granularity!r}: {did_you_mean(granularity, GRANULARITIES)}"
-            )
-        if granularity == "per_channel" and role != "weight":
-            raise ValueError(f"{name}: granularity 'per_channel' is only supported for weights, not {role}s")
-        valid = cls.option_names()
-        for key in options:
-            if key not in valid:
-                raise ValueError(f"{name}: unknown option {key!r}: {did_you_mean(key, valid)}")
-        cls.check_options(bits=bits, signed=signed, granularity=granularity, role=role, **options)
-
-    @classmethod
-    def check_options(
-        cls, bits: int | None, signed: bool, granularity: str, role: str, **options: Any
-    ) -> None:
-        """Validate method-specific options (hook for subclasses; the base accepts anything)."""
+    def _create_state(self) -> None:
+        """Create parameters and buffers (hook for subclasses; only called when the quantizer is on)."""
 
     # ----------------------------------------------------------------------------------- properties
 
     @property
+    def bits(self) -> int | None:
+        return self.recipe.bits
+
+    @property
+    def signed(self) -> bool:
+        return self.recipe.signed
+
+    @property
+    def granularity(self) -> str:
+        return self.recipe.granularity
+
+    @property
     def enabled(self) -> bool:
         """False when ``bits`` is off: the quantizer is the identity."""
-        return self.bits is not None
+        return self.recipe.bits is not None
 
     @property
     def bits_label(self) -> str:
@@ -195,18 +228,49 @@ class Quantizer(nn.Module):
         """Fake-quantize ``x`` with the current state (subclasses implement)."""
         raise NotImplementedError
 
+    # ----------------------------------------------------------------------------------- the grid
+
+    def integer_grid(self, x: torch.Tensor | None = None) -> IntegerGrid:
+        """The integer grid of this quantizer's output, or :class:`GridUnavailable` saying why not.
+
+        Args:
+            x: the tensor being quantized, for methods whose scale is computed from it (DoReFa and XNOR
+                weights); activation grids depend on the quantizer's state only.
+        """
+        raise GridUnavailable(f"{self.method} quantizer{self._where()} does not state an integer grid")
+
+    def _check_grid_ready(self) -> None:
+        """:class:`GridUnavailable` when the quantizer is off or its data-driven state was never set."""
+        if not self.enabled:
+            raise GridUnavailable(f"{self.method} quantizer{self._where()} is off (no grid)")
+        if not self.is_initialized:
+            raise GridUnavailable(
+                f"{self.method} quantizer{self._where()} was never initialised from data: train or "
+                f"calibrate the model first"
+            )
+
     def compact(self, out: torch.Tensor) -> Any | None:
         """An exact, smaller encoding of ``out``, a tensor this quantizer just produced, or None.
 
-        Autograd saves a quantized layer's quantized input for the weight gradient; storing it as integer
-        codes instead of floats saves memory. :meth:`expand` must reproduce ``out`` bit for bit. Methods
-        whose outputs are not ``code * scale (+ offset)`` keep the default (no compaction).
+        Autograd saves a quantized layer's quantized input for the weight gradient; storing it as 8-bit
+        integer codes of :meth:`integer_grid` instead of floats saves memory. :meth:`expand` reproduces
+        ``out`` bit for bit.
         """
-        return None
+        if not self.exact_codes or self.granularity != "per_tensor":
+            return None
+        try:
+            grid = self.integer_grid()
+        except GridUnavailable:
+            return None
+        if grid.qmin < -128 or grid.qmax > (255 if grid.qmin >= 0 else 127):
+            return None
+        return grid.codes(out).to(grid.container), grid, out.dtype
 
     def expand(self, packed: Any) -> torch.Tensor:
         """Inverse of :meth:`compact`."""
-        raise NotImplementedError(f"{type(self).__name__} does not compact its outputs")
+        codes, grid, dtype = packed
+        # The same float operations as the forward pass (q * s), hence the same bits.
+        return grid.dequantize(codes, dtype)
 
     # ----------------------------------------------------------------------------------- initialisation
 
@@ -221,6 +285,11 @@ class Quantizer(nn.Module):
                 f"(min {float(x.detach().min()):.4g}); an unsigned grid would clip them to 0. Quantize it as signed "
                 f"(activation signed: true for this module), or make the input non-negative (e.g. BN + ReLU)"
             )
+
+    @property
+    def init_batches(self) -> int:
+        """Batches whose estimates are averaged into the initial state (1 unless the options say more)."""
+        return getattr(self.options, "init_batches", 1)
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> None:
@@ -238,7 +307,7 @@ class Quantizer(nn.Module):
             estimate = estimate.to(target.dtype).reshape(target.shape)
             target.data.copy_(estimate if seen == 0 else target.data + (estimate - target.data) / (seen + 1))
         self.init_batches_seen.fill_(seen + 1)
-        if seen + 1 >= getattr(self, "init_batches", 1):
+        if seen + 1 >= self.init_batches:
             self.initialized.fill_(True)
 
     def reset_initialization(self) -> None:
@@ -268,6 +337,10 @@ class Quantizer(nn.Module):
     def _state_shape(self) -> tuple[int, ...]:
         return (self.num_channels,) if self.granularity == "per_channel" else ()
 
+    def _state_axis(self) -> int | None:
+        """The channel axis the state indexes (None per tensor), for :class:`IntegerGrid`."""
+        return self.channel_axis if self.granularity == "per_channel" else None
+
     def _reduce_dims(self, x: torch.Tensor) -> list[int]:
         """Dimensions to reduce for per-tensor/per-channel statistics."""
         axis = self._per_channel_axis(x)
@@ -288,10 +361,6 @@ class Quantizer(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
         self._known_initialized = False  # re-read the loaded flag on next use
 
-    def repr_options(self) -> dict[str, Any]:
-        """Method-specific settings shown by ``repr`` (subclasses extend)."""
-        return {}
-
     def extra_repr(self) -> str:
         if not self.enabled:
             return "bits=off"
@@ -300,5 +369,35 @@ class Quantizer(nn.Module):
             parts.append("role=weight")
         if self.granularity == "per_channel":
             parts.append(f"channels={self.num_channels}@{self.channel_axis}")
-        parts += [f"{key}={value}" for key, value in self.repr_options().items()]
+        defaults = type(self.options)()
+        parts += [
+            f"{f.name}={getattr(self.options, f.name)}"
+            for f in dataclasses.fields(self.options)
+            if getattr(self.options, f.name) != getattr(defaults, f.name)
+        ]
         return ", ".join(parts)
+
+
+def build_quantizer(
+    recipe: QuantizerRecipe,
+    role: str = "activation",
+    *,
+    channel_axis: int = 0,
+    num_channels: int | None = None,
+    owner: str = "",
+) -> Quantizer:
+    """Build the quantizer ``recipe`` describes for ``role`` (the one way to build a quantizer).
+
+    Args:
+        recipe: method (a name in :data:`QUANTIZERS`), bits, signedness, granularity, options.
+        role: ``"weight"`` or ``"activation"``.
+        channel_axis, num_channels: where the output channels of a weight are, for per-channel recipes.
+        owner: qualified name of the module it belongs to, used in error messages.
+
+    Raises:
+        ValueError: naming the setting, for an unknown method or an invalid recipe.
+    """
+    cls = recipe.quantizer_class
+    quantizer = cls(recipe, role, channel_axis=channel_axis, num_channels=num_channels)
+    quantizer.owner = owner
+    return quantizer

@@ -2,15 +2,36 @@
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
 from model_quantization import functional as F
-from model_quantization.quantizers.base import QUANTIZERS, Quantizer
+from model_quantization.quantizers.base import QUANTIZERS, GridUnavailable, IntegerGrid, Quantizer
+from model_quantization.quantizers.dorefa import mean_abs_sign_grid
+from model_quantization.quantizers.recipe import QuantizerOptions, QuantizerRecipe
 from model_quantization.registry import did_you_mean
 
+__all__ = ["BACKWARDS", "BinaryOptions", "BinaryQuantizer"]
+
 BACKWARDS = ("ste", "bireal")
+
+
+@dataclass(frozen=True)
+class BinaryOptions(QuantizerOptions):
+    """Options of :class:`BinaryQuantizer`.
+
+    Attributes:
+        backward: ``"bireal"`` or ``"ste"``; activations only (weights always use clipped STE).
+    """
+
+    backward: str = "bireal"
+
+    def check(self, recipe: QuantizerRecipe, role: str) -> None:
+        if self.backward not in BACKWARDS:
+            raise ValueError(
+                f"backward: unknown backward {self.backward!r}: {did_you_mean(self.backward, BACKWARDS)}"
+            )
 
 
 @QUANTIZERS.register("binary")
@@ -21,41 +42,22 @@ class BinaryQuantizer(Quantizer):
     tensor; the scale is differentiated and sign gets the straight-through gradient clipped to |w| <= 1.
     Activations: ``sign(x)`` with Bi-Real Net's ApproxSign gradient ``2 - 2|x|`` on |x| < 1
     (``backward="bireal"``, the default) or the clipped straight-through gradient ``1[|x| <= 1]``
-    (``backward="ste"``). sign(0) is +1, so there are exactly two levels.
-
-    Options:
-        backward: ``"bireal"`` or ``"ste"``; activations only (weights always use clipped STE).
+    (``backward="ste"``). sign(0) is +1, so there are exactly two levels. Options: :class:`BinaryOptions`.
     """
 
-    method = "binary"
+    Options = BinaryOptions
     bit_range = (1, 1)
     signedness = {"weight": (True,), "activation": (True,)}
-
-    def __init__(
-        self,
-        bits: int | None = 1,
-        signed: bool = True,
-        granularity: str = "per_tensor",
-        role: str = "activation",
-        channel_axis: int = 0,
-        num_channels: int | None = None,
-        *,
-        backward: str = "bireal",
-    ) -> None:
-        super().__init__(bits, signed, granularity, role, channel_axis, num_channels, backward=backward)
-        self.backward = backward
-
-    @classmethod
-    def check_options(cls, bits, signed, granularity, role, backward="bireal", **_):
-        if backward not in BACKWARDS:
-            raise ValueError(
-                f"binary: unknown backward {backward!r}: {did_you_mean(str(backward), BACKWARDS)}"
-            )
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         if self.role == "weight":
             return F.xnor_weight(x, self._per_channel_axis(x))
-        return F.bireal_sign(x) if self.backward == "bireal" else F.sign_ste(x, clip=1.0)
+        return F.bireal_sign(x) if self.options.backward == "bireal" else F.sign_ste(x, clip=1.0)
 
-    def repr_options(self) -> dict[str, Any]:
-        return {"backward": self.backward} if self.role == "activation" else {}
+    def integer_grid(self, x: torch.Tensor | None = None) -> IntegerGrid:
+        self._check_grid_ready()
+        if self.role == "activation":
+            return IntegerGrid(scale=torch.tensor(1.0), qmin=-1, qmax=1, rounding="sign")
+        if x is None:
+            raise GridUnavailable(f"binary weight quantizer{self._where()}: its grid depends on the weight")
+        return mean_abs_sign_grid(self, x)

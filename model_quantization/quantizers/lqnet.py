@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
 from model_quantization import functional as F
 from model_quantization.distributed import all_reduce_mean
-from model_quantization.quantizers.base import QUANTIZERS, Quantizer
+from model_quantization.quantizers.base import QUANTIZERS, GridUnavailable, IntegerGrid, Quantizer
+from model_quantization.quantizers.recipe import DataDrivenOptions, QuantizerRecipe
 
 
 def code_matrix(bits: int, signed: bool, ternary: bool = False) -> torch.Tensor:
@@ -25,6 +26,28 @@ def code_matrix(bits: int, signed: bool, ternary: bool = False) -> torch.Tensor:
     return torch.tensor(list(itertools.product(values, repeat=bits)))
 
 
+@dataclass(frozen=True)
+class LQNetOptions(DataDrivenOptions):
+    """Options of :class:`LQNetQuantizer`.
+
+    Attributes:
+        momentum: EMA weight of the old basis.
+        ternary: three levels {-2v, 0, 2v} (signed) or {0, v, 2v} (unsigned); requires ``bits=2``.
+        init_batches: batches whose fitted bases are averaged into the initial basis. Each initial fit
+            starts from a uniform grid scaled by mean(|x|) and runs a few QEM iterations.
+    """
+
+    momentum: float = 0.9
+    ternary: bool = False
+
+    def check(self, recipe: QuantizerRecipe, role: str) -> None:
+        super().check(recipe, role)
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum: must be in [0, 1), got {self.momentum!r}")
+        if self.ternary and recipe.bits != 2:
+            raise ValueError(f"ternary: needs bits=2 (a tied 2-bit basis), got bits={recipe.bits!r}")
+
+
 @QUANTIZERS.register("lqnet")
 class LQNetQuantizer(Quantizer):
     """Levels ``v^T b`` for binary codes ``b`` and a basis ``v`` fitted to the data by least squares.
@@ -34,57 +57,28 @@ class LQNetQuantizer(Quantizer):
     ``v* = argmin_v ||B v - x||^2`` (the paper's QEM step, solved with a pseudo-inverse so that unused codes
     do not break it), and moves the stored basis towards it: ``v <- momentum * v + (1 - momentum) * v*``.
     The basis is a buffer, not trained by gradients; the input gets the straight-through gradient.
-
-    Options:
-        momentum: EMA weight of the old basis (default 0.9).
-        ternary: three levels {-2v, 0, 2v} (signed) or {0, v, 2v} (unsigned); requires ``bits=2``.
-        init_batches: batches whose fitted bases are averaged into the initial basis (default 1). Each
-            initial fit starts from a uniform grid scaled by mean(|x|) and runs a few QEM iterations.
+    Options: :class:`LQNetOptions`.
     """
 
-    method = "lqnet"
+    Options = LQNetOptions
     data_driven = True
     init_iterations = 5
 
-    def __init__(
-        self,
-        bits: int | None = 2,
-        signed: bool = True,
-        granularity: str = "per_tensor",
-        role: str = "activation",
-        channel_axis: int = 0,
-        num_channels: int | None = None,
-        *,
-        momentum: float = 0.9,
-        ternary: bool = False,
-        init_batches: int = 1,
-    ) -> None:
-        super().__init__(
-            bits, signed, granularity, role, channel_axis, num_channels,
-            momentum=momentum, ternary=ternary, init_batches=init_batches,
-        )  # fmt: skip
-        self.momentum = momentum
-        self.ternary = ternary
-        self.init_batches = init_batches
-        if bits is None:
-            return
-        codes = code_matrix(bits, signed, ternary)
+    def _create_state(self) -> None:
+        codes = code_matrix(self.bits, self.signed, self.options.ternary)
         self.register_buffer("codes", codes, persistent=False)  # a constant of the configuration
         groups = self.num_channels or 1
         self.register_buffer("basis", torch.ones(groups, codes.shape[1]))
 
-    @classmethod
-    def check_options(cls, bits, signed, granularity, role, momentum=0.9, ternary=False, init_batches=1, **_):
-        if not (isinstance(momentum, int | float) and 0.0 <= momentum < 1.0):
-            raise ValueError(f"lqnet: momentum must be in [0, 1), got {momentum!r}")
-        if ternary and bits != 2:
-            raise ValueError(f"lqnet: ternary needs bits=2 (a tied 2-bit basis), got bits={bits!r}")
-        if not isinstance(init_batches, int) or init_batches < 1:
-            raise ValueError(f"lqnet: init_batches must be an integer >= 1, got {init_batches!r}")
+    def integer_grid(self, x: torch.Tensor | None = None) -> IntegerGrid:
+        raise GridUnavailable(
+            f"lqnet quantizer{self._where()}: its levels are a learned, non-uniform basis, not integers "
+            f"times one scale"
+        )
 
     @property
     def bits_label(self) -> str:
-        return "ter" if self.ternary and self.enabled else super().bits_label
+        return "ter" if self.enabled and self.options.ternary else super().bits_label
 
     # --------------------------------------------------------------------------------------- core
 
@@ -141,14 +135,15 @@ class LQNetQuantizer(Quantizer):
         if self.training:
             with torch.no_grad():
                 fitted = self._fit_basis(xg, index, order, self.basis)
-                self.basis.mul_(self.momentum).add_(fitted, alpha=1.0 - self.momentum)
+                momentum = self.options.momentum
+                self.basis.mul_(momentum).add_(fitted, alpha=1.0 - momentum)
         return F.straight_through(x, self._ungroup(quantized, x))
 
     def _initial_values(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         xg = self._groups(x).to(torch.float32)
         mean_abs = xg.abs().mean(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).eps)
         k = self.codes.shape[1]
-        if self.ternary:
+        if self.options.ternary:
             # Signed: levels +-mean|x|; unsigned: {0, mean, 2 mean}.
             scale = mean_abs / 2 if self.signed else mean_abs
             basis = scale.expand(-1, 1)
@@ -161,6 +156,3 @@ class LQNetQuantizer(Quantizer):
             _, index, order = self._assign(xg, basis)
             basis = self._fit_basis(xg, index, order, basis)
         return {"basis": basis}
-
-    def repr_options(self) -> dict[str, Any]:
-        return {"momentum": self.momentum, **({"ternary": True} if self.ternary else {})}

@@ -19,21 +19,24 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from model_quantization import functional as F
 from model_quantization.distributed import all_reduce_max, all_reduce_mean, all_reduce_min
-from model_quantization.quantizers.base import QUANTIZERS, Quantizer
-from model_quantization.quantizers.lsq import integer_grid
+from model_quantization.quantizers.base import MIN_STEP, QUANTIZERS, IntegerGrid, Quantizer
+from model_quantization.quantizers.lsq import integer_grid, step_grid
+from model_quantization.quantizers.recipe import QuantizerOptions, QuantizerRecipe
 
 __all__ = [
+    "EMAOptions",
     "MinMaxObserver",
     "MovingAverageMinMaxObserver",
     "ObserverQuantizer",
     "PercentileObserver",
+    "PercentileOptions",
     "calibration",
 ]
 
@@ -46,23 +49,12 @@ class ObserverQuantizer(Quantizer):
     """
 
     data_driven = True
+    exact_codes = True
+    #: When True every forward pass updates the range (see :func:`calibration`). Per instance, not state.
+    observing = False
 
-    def __init__(
-        self,
-        bits: int | None = 8,
-        signed: bool = True,
-        granularity: str = "per_tensor",
-        role: str = "activation",
-        channel_axis: int = 0,
-        num_channels: int | None = None,
-        **options,
-    ) -> None:
-        super().__init__(bits, signed, granularity, role, channel_axis, num_channels, **options)
-        #: When True every forward pass updates the range (see :func:`calibration`). Not state.
-        self.observing = False
-        if bits is None:
-            return
-        self.qn, self.qp, self.sign_grid = integer_grid(bits, signed)
+    def _create_state(self) -> None:
+        self.qn, self.qp, self.sign_grid = integer_grid(self.bits, self.signed)
         self.register_buffer("min_val", torch.zeros(self._state_shape()))
         self.register_buffer("max_val", torch.zeros(self._state_shape()))
 
@@ -108,7 +100,7 @@ class ObserverQuantizer(Quantizer):
             peak = torch.maximum(self.min_val.abs(), self.max_val.abs())
         else:
             peak = self.max_val.clamp_min(0.0)
-        return (peak / self.qp).clamp_min(torch.finfo(torch.float32).tiny * 1e3)
+        return (peak / self.qp).clamp_min(MIN_STEP)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         step = self.step().to(x.dtype)
@@ -116,26 +108,48 @@ class ObserverQuantizer(Quantizer):
             x, step, self.qn, self.qp, sign_grid=self.sign_grid, channel_axis=self._per_channel_axis(x)
         )
 
-    def repr_options(self) -> dict[str, Any]:
-        return {"observing": True} if self.observing else {}
+    def integer_grid(self, x: torch.Tensor | None = None) -> IntegerGrid:
+        self._check_grid_ready()
+        return step_grid(self, self.step())
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", observing=True" if self.observing else "")
+
+
+@dataclass(frozen=True)
+class EMAOptions(QuantizerOptions):
+    """Options of :class:`MovingAverageMinMaxObserver`.
+
+    Attributes:
+        momentum: weight of the new batch, ``range <- (1 - m) * range + m * batch`` (0.01, as in
+            ``torch.ao.quantization.MovingAverageMinMaxObserver``).
+    """
+
+    momentum: float = 0.01
+
+    def check(self, recipe: QuantizerRecipe, role: str) -> None:
+        if not 0.0 < self.momentum <= 1.0:
+            raise ValueError(f"momentum: must be in (0, 1], got {self.momentum!r}")
+
+
+@dataclass(frozen=True)
+class PercentileOptions(QuantizerOptions):
+    """Options of :class:`PercentileObserver`.
+
+    Attributes:
+        percentile: upper percentile in (50, 100]; the lower one is ``100 - percentile``.
+    """
+
+    percentile: float = 99.99
+
+    def check(self, recipe: QuantizerRecipe, role: str) -> None:
+        if not 50.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile: must be in (50, 100], got {self.percentile!r}")
 
 
 @QUANTIZERS.register("minmax")
 class MinMaxObserver(ObserverQuantizer):
     """Running minimum and maximum over all observed batches."""
-
-    method = "minmax"
-
-    def __init__(
-        self,
-        bits: int | None = 8,
-        signed: bool = True,
-        granularity: str = "per_tensor",
-        role: str = "activation",
-        channel_axis: int = 0,
-        num_channels: int | None = None,
-    ) -> None:
-        super().__init__(bits, signed, granularity, role, channel_axis, num_channels)
 
     def combine(self, low: torch.Tensor, high: torch.Tensor) -> None:
         torch.minimum(self.min_val, low, out=self.min_val)
@@ -144,37 +158,13 @@ class MinMaxObserver(ObserverQuantizer):
 
 @QUANTIZERS.register("ema_minmax")
 class MovingAverageMinMaxObserver(ObserverQuantizer):
-    """Exponential moving average of per-batch minima and maxima.
+    """Exponential moving average of per-batch minima and maxima. Options: :class:`EMAOptions`."""
 
-    Options:
-        momentum: weight of the new batch, ``range <- (1 - m) * range + m * batch`` (default 0.01, as in
-            ``torch.ao.quantization.MovingAverageMinMaxObserver``).
-    """
-
-    method = "ema_minmax"
-
-    def __init__(
-        self,
-        bits: int | None = 8,
-        signed: bool = True,
-        granularity: str = "per_tensor",
-        role: str = "activation",
-        channel_axis: int = 0,
-        num_channels: int | None = None,
-        *,
-        momentum: float = 0.01,
-    ) -> None:
-        super().__init__(bits, signed, granularity, role, channel_axis, num_channels, momentum=momentum)
-        self.momentum = momentum
-
-    @classmethod
-    def check_options(cls, bits, signed, granularity, role, momentum=0.01, **_):
-        if not (isinstance(momentum, int | float) and 0.0 < momentum <= 1.0):
-            raise ValueError(f"ema_minmax: momentum must be in (0, 1], got {momentum!r}")
+    Options = EMAOptions
 
     def combine(self, low: torch.Tensor, high: torch.Tensor) -> None:
-        self.min_val.lerp_(low, self.momentum)
-        self.max_val.lerp_(high, self.momentum)
+        self.min_val.lerp_(low, self.options.momentum)
+        self.max_val.lerp_(high, self.options.momentum)
 
 
 @QUANTIZERS.register("percentile")
@@ -182,32 +172,11 @@ class PercentileObserver(ObserverQuantizer):
     """Mean over observed batches of the per-batch ``percentile`` / ``100 - percentile`` values.
 
     Uses the nearest-rank definition: the k-th smallest value with ``k = ceil(p / 100 * n)``. Clipping the
-    few outliers that min-max would chase usually helps low-bit activations.
-
-    Options:
-        percentile: upper percentile in (50, 100] (default 99.99); the lower one is ``100 - percentile``.
+    few outliers that min-max would chase usually helps low-bit activations. Options:
+    :class:`PercentileOptions`.
     """
 
-    method = "percentile"
-
-    def __init__(
-        self,
-        bits: int | None = 8,
-        signed: bool = True,
-        granularity: str = "per_tensor",
-        role: str = "activation",
-        channel_axis: int = 0,
-        num_channels: int | None = None,
-        *,
-        percentile: float = 99.99,
-    ) -> None:
-        super().__init__(bits, signed, granularity, role, channel_axis, num_channels, percentile=percentile)
-        self.percentile = float(percentile)
-
-    @classmethod
-    def check_options(cls, bits, signed, granularity, role, percentile=99.99, **_):
-        if not (isinstance(percentile, int | float) and 50.0 < percentile <= 100.0):
-            raise ValueError(f"percentile: percentile must be in (50, 100], got {percentile!r}")
+    Options = PercentileOptions
 
     @staticmethod
     def _rank(fraction: float, n: int) -> int:
@@ -216,17 +185,14 @@ class PercentileObserver(ObserverQuantizer):
     def batch_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         grouped = self._grouped(x.detach()).to(self.min_val.dtype)
         n = grouped.shape[1]
-        high = grouped.kthvalue(self._rank(self.percentile / 100.0, n), dim=1).values
-        low = grouped.kthvalue(self._rank(1.0 - self.percentile / 100.0, n), dim=1).values
+        high = grouped.kthvalue(self._rank(self.options.percentile / 100.0, n), dim=1).values
+        low = grouped.kthvalue(self._rank(1.0 - self.options.percentile / 100.0, n), dim=1).values
         return all_reduce_mean(low), all_reduce_mean(high)
 
     def combine(self, low: torch.Tensor, high: torch.Tensor) -> None:
         seen = int(self.init_batches_seen)
         self.min_val.add_((low - self.min_val) / (seen + 1))
         self.max_val.add_((high - self.max_val) / (seen + 1))
-
-    def repr_options(self) -> dict[str, Any]:
-        return {**super().repr_options(), "percentile": self.percentile}
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from model_quantization.distributed import all_reduce_mean, is_distributed
-from model_quantization.quantizers import LQNetQuantizer, LSQQuantizer, MinMaxObserver
+from tests.unit.quantizer_factory import make_quantizer
 
 WORLD_SIZE = 2
 
@@ -21,11 +21,11 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     try:
         torch.manual_seed(1000 + rank)
         x = torch.randn(4, 8, 6, 6) * (rank + 1) + rank  # different data, different scale per rank
-        lsq = LSQQuantizer(4, True)
+        lsq = make_quantizer("lsq", 4, True)
         lsq(x)
-        observer = MinMaxObserver(8, True)
+        observer = make_quantizer("minmax", 8, True)
         observer(x)
-        lqnet = LQNetQuantizer(2, True)
+        lqnet = make_quantizer("lqnet", 2, True)
         lqnet(x)
         result = {
             "lsq_step": lsq.step.detach(),

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from model_quantization.quantizers import LQNetQuantizer
+from tests.unit.quantizer_factory import make_quantizer
 
 
 def brute_force_codes(bits: int, signed: bool, ternary: bool) -> torch.Tensor:
@@ -44,7 +44,7 @@ def test_training_step_matches_least_squares_reference(seed, bits, signed, terna
     x = torch.randn(4, 6, 5, dtype=torch.float64)
     if not signed:
         x = x.abs()
-    q = LQNetQuantizer(bits, signed, momentum=momentum, ternary=ternary).double().train()
+    q = make_quantizer("lqnet", bits, signed, momentum=momentum, ternary=ternary).double().train()
     q(x)  # initialisation batch (not an EMA step)
     basis_before = q.basis.clone()
     x2 = x * rng.uniform(0.5, 2.0) + 0.01 * torch.randn_like(x).abs()
@@ -56,7 +56,7 @@ def test_training_step_matches_least_squares_reference(seed, bits, signed, terna
 
 
 def test_per_channel_weights_have_one_basis_per_output_channel(seed):
-    q = LQNetQuantizer(2, True, "per_channel", "weight", num_channels=5, momentum=0.5).double()
+    q = make_quantizer("lqnet", 2, True, "per_channel", "weight", num_channels=5, momentum=0.5).double()
     w = torch.randn(5, 3, 3, 3, dtype=torch.float64) * torch.linspace(0.1, 2, 5, dtype=torch.float64).reshape(
         5, 1, 1, 1
     )
@@ -73,7 +73,7 @@ def test_per_channel_weights_have_one_basis_per_output_channel(seed):
 
 @pytest.mark.parametrize("signed", [True, False])
 def test_ternary_has_exactly_three_levels(seed, signed):
-    q = LQNetQuantizer(2, signed, ternary=True)
+    q = make_quantizer("lqnet", 2, signed, ternary=True)
     x = torch.randn(10000) * 2
     if not signed:
         x = x.abs()
@@ -91,13 +91,13 @@ def test_ternary_has_exactly_three_levels(seed, signed):
 @pytest.mark.parametrize("signed", [True, False])
 def test_k_bit_has_exactly_2_pow_k_levels_on_spread_data(seed, signed):
     bits = random.Random(seed).randint(1, 4)
-    q = LQNetQuantizer(bits, signed)
+    q = make_quantizer("lqnet", bits, signed)
     x = torch.linspace(-4 if signed else 0, 4, 40000)
     assert q(x).unique().numel() == 2**bits
 
 
 def test_eval_mode_does_not_update_the_basis_and_gradient_is_straight_through(seed):
-    q = LQNetQuantizer(3, True)
+    q = make_quantizer("lqnet", 3, True)
     q(torch.randn(100))
     q.eval()
     basis = q.basis.clone()
@@ -108,11 +108,11 @@ def test_eval_mode_does_not_update_the_basis_and_gradient_is_straight_through(se
 
 
 def test_state_dict_round_trip_gives_identical_outputs(seed):
-    q = LQNetQuantizer(2, True, "per_channel", "weight", num_channels=3)
+    q = make_quantizer("lqnet", 2, True, "per_channel", "weight", num_channels=3)
     w = torch.randn(3, 16)
     for _ in range(3):
         q(w)
-    fresh = LQNetQuantizer(2, True, "per_channel", "weight", num_channels=3)
+    fresh = make_quantizer("lqnet", 2, True, "per_channel", "weight", num_channels=3)
     fresh.load_state_dict(q.state_dict())
     q.eval()
     fresh.eval()
@@ -122,5 +122,5 @@ def test_state_dict_round_trip_gives_identical_outputs(seed):
 
 
 def test_ternary_needs_two_bits():
-    with pytest.raises(ValueError, match="ternary needs bits=2"):
-        LQNetQuantizer(3, True, ternary=True)
+    with pytest.raises(ValueError, match="ternary: needs bits=2"):
+        make_quantizer("lqnet", 3, True, ternary=True)

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from model_quantization.quantizers import LSQQuantizer
+from tests.unit.quantizer_factory import make_quantizer
 
 
 def grid(bits: int, signed: bool) -> tuple[int, int]:
@@ -44,7 +44,7 @@ def _per_channel_sum(t: torch.Tensor, axis: int | None) -> torch.Tensor:
 def test_outputs_lie_on_grid_with_exactly_2_pow_bits_levels(seed, bits, signed):
     qn, qp = grid(bits, signed)
     step = random.Random(seed).uniform(0.01, 1.0)
-    q = LSQQuantizer(bits, signed, init_value=step).double()
+    q = make_quantizer("lsq", bits, signed, init_value=step).double()
     step = q.step.item()  # the parameter holds the float32-rounded value
     low = -(qn + 2) * step if signed else 0.0
     x = torch.cat([torch.linspace(low, (qp + 2) * step, 20 * (qn + qp + 4)), torch.randn(500) * qp * step])
@@ -74,7 +74,9 @@ def test_values_and_gradients_match_float64_reference(seed, role, granularity, s
     bits = rng.randint(1, 8) if signed else rng.randint(1, 8)
     shape = (rng.randint(2, 6), rng.randint(1, 5), rng.randint(1, 4), rng.randint(1, 4))
     channels = shape[0] if granularity == "per_channel" else None
-    q = LSQQuantizer(bits, signed, granularity, role, num_channels=channels, learnable_offset=offset).double()
+    q = make_quantizer(
+        "lsq", bits, signed, granularity, role, num_channels=channels, learnable_offset=offset
+    ).double()
     x = torch.randn(shape, dtype=torch.float64) * rng.uniform(0.1, 3.0)
     if not signed:
         x = x.abs()
@@ -110,7 +112,7 @@ def test_gradient_scale_can_be_switched_off(seed):
     grad = torch.randn_like(x)
     grads = []
     for grad_scale in (True, False):
-        q = LSQQuantizer(bits, True, grad_scale=grad_scale, init_value=0.3).double()
+        q = make_quantizer("lsq", bits, True, grad_scale=grad_scale, init_value=0.3).double()
         q(x).backward(grad)
         grads.append(q.step.grad.item())
     qp = 2 ** (bits - 1) - 1
@@ -124,7 +126,7 @@ def test_gradient_scale_can_be_switched_off(seed):
 @pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
 def test_data_driven_init_is_two_mean_abs_over_sqrt_qp_on_first_batch(seed, granularity):
     bits = random.Random(seed).randint(2, 8)
-    q = LSQQuantizer(bits, True, granularity, "weight", num_channels=6)
+    q = make_quantizer("lsq", bits, True, granularity, "weight", num_channels=6)
     w = torch.randn(6, 4, 3, 3) * torch.rand(6, 1, 1, 1)
     assert not q.is_initialized
     q(w)
@@ -139,7 +141,7 @@ def test_data_driven_init_is_two_mean_abs_over_sqrt_qp_on_first_batch(seed, gran
 
 
 def test_init_averages_the_first_init_batches(seed):
-    q = LSQQuantizer(3, False, init_batches=3)
+    q = make_quantizer("lsq", 3, False, init_batches=3)
     batches = [torch.rand(2, 4, 6, 6) * (i + 1) for i in range(4)]
     estimates = [2 * b.abs().mean() / math.sqrt(7) for b in batches]
     for i, batch in enumerate(batches[:3]):
@@ -152,7 +154,7 @@ def test_init_averages_the_first_init_batches(seed):
 
 
 def test_reset_initialization_reinitialises_from_the_next_batch(seed):
-    q = LSQQuantizer(4, True)
+    q = make_quantizer("lsq", 4, True)
     q(torch.randn(100))
     first = q.step.item()
     q.reset_initialization()
@@ -164,21 +166,21 @@ def test_reset_initialization_reinitialises_from_the_next_batch(seed):
 
 
 def test_init_value_skips_data_driven_init():
-    q = LSQQuantizer(4, True, init_value=0.125)
+    q = make_quantizer("lsq", 4, True, init_value=0.125)
     assert q.is_initialized
     q(torch.randn(3, 8) * 100)
     assert q.step.item() == 0.125
 
 
 def test_state_dict_round_trip_restores_outputs_and_does_not_reinitialise(seed):
-    q = LSQQuantizer(3, True, "per_channel", "weight", num_channels=5)
+    q = make_quantizer("lsq", 3, True, "per_channel", "weight", num_channels=5)
     w = torch.randn(5, 7)
     q(w).pow(2).sum().backward()
     torch.optim.SGD(q.parameters(), lr=0.1).step()  # the step is no longer the data-driven value
     state = q.state_dict()
     assert {"step", "initialized", "init_batches_seen"} <= set(state)
 
-    fresh = LSQQuantizer(3, True, "per_channel", "weight", num_channels=5)
+    fresh = make_quantizer("lsq", 3, True, "per_channel", "weight", num_channels=5)
     fresh.load_state_dict(state)
     assert fresh.is_initialized
     other = torch.randn(5, 7) * 3
@@ -187,7 +189,7 @@ def test_state_dict_round_trip_restores_outputs_and_does_not_reinitialise(seed):
 
 
 def test_float_checkpoint_without_quantizer_keys_leaves_state_for_data_init():
-    q = LSQQuantizer(4, True)
+    q = make_quantizer("lsq", 4, True)
     q.load_state_dict({}, strict=True)  # no keys at all: a float model's checkpoint
     assert not q.is_initialized
     with pytest.raises(RuntimeError, match="Missing key"):
@@ -195,7 +197,7 @@ def test_float_checkpoint_without_quantizer_keys_leaves_state_for_data_init():
 
 
 def test_unsigned_quantizer_rejects_negative_input_naming_the_module():
-    q = LSQQuantizer(4, False)
+    q = make_quantizer("lsq", 4, False)
     q.owner = "backbone.stem.conv1 (input)"
     with pytest.raises(ValueError, match=r"backbone\.stem\.conv1.*unsigned.*negative"):
         q(torch.tensor([-1.0, 2.0]))
@@ -203,13 +205,13 @@ def test_unsigned_quantizer_rejects_negative_input_naming_the_module():
 
 def test_learnable_offset_only_for_signed_activations():
     with pytest.raises(ValueError, match="learnable_offset"):
-        LSQQuantizer(4, False, learnable_offset=True)
+        make_quantizer("lsq", 4, False, learnable_offset=True)
     with pytest.raises(ValueError, match="learnable_offset"):
-        LSQQuantizer(4, True, role="weight", learnable_offset=True)
+        make_quantizer("lsq", 4, True, role="weight", learnable_offset=True)
 
 
 def test_bits_off_is_identity_without_state():
-    q = LSQQuantizer(None, True)
+    q = make_quantizer("lsq", None, True)
     x = torch.randn(3, 4)
     assert q(x) is x
     assert q.state_dict() == {}

@@ -9,11 +9,9 @@ import pytest
 import torch
 
 from model_quantization.quantizers import (
-    MinMaxObserver,
-    MovingAverageMinMaxObserver,
-    PercentileObserver,
     calibration,
 )
+from tests.unit.quantizer_factory import make_quantizer
 
 
 def batches(n: int) -> list[torch.Tensor]:
@@ -22,7 +20,7 @@ def batches(n: int) -> list[torch.Tensor]:
 
 def test_minmax_tracks_global_range_and_quantizes_on_its_grid(seed):
     bits = random.Random(seed).randint(2, 8)
-    q = MinMaxObserver(bits, True).double()
+    q = make_quantizer("minmax", bits, True).double()
     data = batches(3)
     with calibration(q):
         for x in data:
@@ -38,7 +36,7 @@ def test_minmax_tracks_global_range_and_quantizes_on_its_grid(seed):
 
 
 def test_ranges_freeze_outside_calibration(seed):
-    q = MinMaxObserver(8, True)
+    q = make_quantizer("minmax", 8, True)
     q(torch.randn(100))  # first batch initialises even outside calibration
     frozen = (q.min_val.clone(), q.max_val.clone())
     q(torch.randn(100) * 50)
@@ -52,7 +50,7 @@ def test_ranges_freeze_outside_calibration(seed):
 
 def test_moving_average_formula(seed):
     momentum = random.Random(seed).uniform(0.01, 0.9)
-    q = MovingAverageMinMaxObserver(8, True, momentum=momentum).double()
+    q = make_quantizer("ema_minmax", 8, True, momentum=momentum).double()
     data = batches(4)
     low, high = data[0].min(), data[0].max()
     for x in data[1:]:
@@ -68,7 +66,7 @@ def test_moving_average_formula(seed):
 @pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
 def test_percentile_is_the_mean_of_nearest_rank_percentiles(seed, granularity):
     percentile = random.Random(seed).uniform(90.0, 99.9)
-    q = PercentileObserver(8, True, granularity, "weight", num_channels=4, percentile=percentile)
+    q = make_quantizer("percentile", 8, True, granularity, "weight", num_channels=4, percentile=percentile)
     data = [torch.randn(4, 50) * (i + 1) for i in range(3)]
     with calibration(q):
         for x in data:
@@ -92,19 +90,19 @@ def test_percentile_is_the_mean_of_nearest_rank_percentiles(seed, granularity):
 
 
 def test_unsigned_observer_step_and_negative_input_check():
-    q = MinMaxObserver(4, False)
+    q = make_quantizer("minmax", 4, False)
     q(torch.tensor([0.0, 1.5, 3.0]))
     assert q.step().item() == pytest.approx(3.0 / 15)
     with pytest.raises(ValueError, match="unsigned"):
-        MinMaxObserver(4, False)(torch.tensor([-0.5, 1.0]))
+        make_quantizer("minmax", 4, False)(torch.tensor([-0.5, 1.0]))
 
 
 def test_observer_state_dict_round_trip(seed):
-    q = PercentileObserver(6, True, percentile=99.0)
+    q = make_quantizer("percentile", 6, True, percentile=99.0)
     with calibration(q):
         for x in batches(2):
             q(x.float())
-    fresh = PercentileObserver(6, True, percentile=99.0)
+    fresh = make_quantizer("percentile", 6, True, percentile=99.0)
     fresh.load_state_dict(q.state_dict())
     x = torch.randn(2, 3, 4, 4) * 3
     assert fresh.is_initialized

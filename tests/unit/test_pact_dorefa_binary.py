@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from model_quantization.quantizers import BinaryQuantizer, DoReFaQuantizer, PACTQuantizer
+from tests.unit.quantizer_factory import make_quantizer
 
 
 def assert_uniform_quantized(out: torch.Tensor, x: torch.Tensor, clip: float, levels: int) -> None:
@@ -31,7 +31,7 @@ def test_pact_output_levels_and_gradients_match_the_paper(seed):
     rng = random.Random(seed)
     bits = rng.randint(1, 8)
     alpha = rng.uniform(0.5, 5.0)
-    q = PACTQuantizer(bits, init_value=alpha).double()
+    q = make_quantizer("pact", bits, init_value=alpha).double()
     alpha = q.alpha.item()
     n = 2**bits - 1
     x = torch.cat([torch.linspace(0, 1.5 * alpha, 40 * (n + 1)), torch.rand(300) * 2 * alpha]).double()
@@ -47,7 +47,7 @@ def test_pact_output_levels_and_gradients_match_the_paper(seed):
 
 
 def test_pact_sgd_updates_alpha_by_the_clipped_gradient(seed):
-    q = PACTQuantizer(4, init_value=2.0)
+    q = make_quantizer("pact", 4, init_value=2.0)
     x = torch.rand(4, 8, 5, 5) * 4
     grad = torch.randn_like(x)
     q(x).backward(grad)
@@ -58,7 +58,7 @@ def test_pact_sgd_updates_alpha_by_the_clipped_gradient(seed):
 
 
 def test_pact_data_driven_init_uses_the_batch_maximum(seed):
-    q = PACTQuantizer(3, init_value=None)
+    q = make_quantizer("pact", 3, init_value=None)
     x = torch.rand(2, 3, 4) * 7
     assert not q.is_initialized
     q(x)
@@ -68,9 +68,9 @@ def test_pact_data_driven_init_uses_the_batch_maximum(seed):
 
 def test_pact_is_unsigned_activation_only():
     with pytest.raises(ValueError, match="must be unsigned"):
-        PACTQuantizer(4, signed=True)
+        make_quantizer("pact", 4, signed=True)
     with pytest.raises(ValueError, match="cannot quantize weights"):
-        PACTQuantizer(4, role="weight")
+        make_quantizer("pact", 4, role="weight")
 
 
 # --------------------------------------------------------------------------------------------------- DoReFa
@@ -81,7 +81,7 @@ def test_dorefa_weights_match_formula_levels_and_ste_gradient(seed, granularity)
     rng = random.Random(seed)
     bits = rng.randint(2, 8)
     channels = rng.randint(2, 6)
-    q = DoReFaQuantizer(bits, True, granularity, "weight", num_channels=channels)
+    q = make_quantizer("dorefa", bits, True, granularity, "weight", num_channels=channels)
     w = (torch.randn(channels, 3, 3, 3, dtype=torch.float64) * rng.uniform(0.1, 2)).requires_grad_(True)
     out = q(w)
     grad = torch.randn_like(w)
@@ -107,13 +107,13 @@ def test_dorefa_weights_match_formula_levels_and_ste_gradient(seed, granularity)
 
 def test_dorefa_weight_levels_span_2_pow_bits(seed):
     bits = random.Random(seed).randint(1, 8)
-    q = DoReFaQuantizer(bits, True, role="weight")
+    q = make_quantizer("dorefa", bits, True, role="weight")
     w = torch.linspace(-3, 3, 20000).reshape(100, 200)
     assert q(w).unique().numel() == 2**bits
 
 
 def test_dorefa_one_bit_weights_are_sign_times_mean_abs(seed):
-    q = DoReFaQuantizer(1, True, "per_channel", "weight", num_channels=4)
+    q = make_quantizer("dorefa", 1, True, "per_channel", "weight", num_channels=4)
     w = torch.randn(4, 10)
     expected = torch.where(w >= 0, 1.0, -1.0) * w.abs().mean(dim=1, keepdim=True)
     torch.testing.assert_close(q(w), expected)
@@ -122,7 +122,7 @@ def test_dorefa_one_bit_weights_are_sign_times_mean_abs(seed):
 def test_dorefa_activations_clip_and_quantize(seed):
     rng = random.Random(seed)
     bits, clip = rng.randint(1, 8), rng.uniform(0.5, 3.0)
-    q = DoReFaQuantizer(bits, False, role="activation", clip=clip)
+    q = make_quantizer("dorefa", bits, False, role="activation", clip=clip)
     x = torch.cat([torch.linspace(0, 2 * clip, 20 * 2**bits), torch.rand(100)]).double().requires_grad_(True)
     out = q(x)
     out.backward(torch.ones_like(x))
@@ -133,9 +133,9 @@ def test_dorefa_activations_clip_and_quantize(seed):
 
 def test_dorefa_rejects_signed_activations_and_unknown_options():
     with pytest.raises(ValueError, match="must be unsigned"):
-        DoReFaQuantizer(4, True, role="activation")
+        make_quantizer("dorefa", 4, True, role="activation")
     with pytest.raises(ValueError, match=r"unknown option 'clp'.*'clip'"):
-        DoReFaQuantizer.check_config(4, False, "per_tensor", "activation", clp=2.0)
+        make_quantizer("dorefa", 4, False, role="activation", clp=2.0)
 
 
 # --------------------------------------------------------------------------------------------------- binary
@@ -144,7 +144,7 @@ def test_dorefa_rejects_signed_activations_and_unknown_options():
 @pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
 def test_xnor_weights_and_gradient_match_the_paper(seed, granularity):
     channels = random.Random(seed).randint(2, 8)
-    q = BinaryQuantizer(1, True, granularity, "weight", num_channels=channels)
+    q = make_quantizer("binary", 1, True, granularity, "weight", num_channels=channels)
     w = (torch.randn(channels, 5, dtype=torch.float64) * 0.8).requires_grad_(True)
     out = q(w)
     grad = torch.randn_like(w)
@@ -166,7 +166,7 @@ def test_xnor_weights_and_gradient_match_the_paper(seed, granularity):
 
 @pytest.mark.parametrize("backward", ["bireal", "ste"])
 def test_binary_activation_gradients(seed, backward):
-    q = BinaryQuantizer(1, True, backward=backward)
+    q = make_quantizer("binary", 1, True, backward=backward)
     x = torch.cat([torch.randn(500, dtype=torch.float64) * 1.5, torch.zeros(3, dtype=torch.float64)])
     x.requires_grad_(True)
     grad = torch.randn_like(x)
@@ -182,7 +182,7 @@ def test_binary_activation_gradients(seed, backward):
 
 
 def test_binary_only_supports_one_bit():
-    with pytest.raises(ValueError, match=r"bits must be an integer in \[1, 1\]"):
-        BinaryQuantizer(2, True)
+    with pytest.raises(ValueError, match=r"bits: binary supports bits in \[1, 1\]"):
+        make_quantizer("binary", 2, True)
     with pytest.raises(ValueError, match="unknown backward"):
-        BinaryQuantizer(1, True, backward="approx")
+        make_quantizer("binary", 1, True, backward="approx")

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
 import torch
 
-from model_quantization.quantizers import QUANTIZERS, Quantizer, build_quantizer
+from model_quantization.quantizers import (
+    QUANTIZERS,
+    GridUnavailable,
+    Quantizer,
+    QuantizerOptions,
+    QuantizerRecipe,
+    build_quantizer,
+)
 from model_quantization.registry import Registry
 
 EXPECTED = {"lsq", "dorefa", "pact", "lqnet", "binary", "minmax", "ema_minmax", "percentile"}
@@ -21,7 +29,7 @@ def test_unknown_method_suggests_close_names():
     with pytest.raises(ValueError, match=r"unknown quantization method 'lqs'.*'lsq'"):
         QUANTIZERS.get("lqs")
     with pytest.raises(ValueError, match=r"'pact'"):
-        build_quantizer("packt", bits=4, signed=False)
+        build_quantizer(QuantizerRecipe("packt", bits=4, signed=False))
 
 
 def test_registering_a_name_twice_is_an_error():
@@ -52,9 +60,13 @@ def test_contract(seed, name, role, signed, granularity):
     low, high = cls.bit_range
     bits = random.Random(seed).randint(low, min(high, 4))
     channels = 6
-    kwargs = dict(bits=bits, signed=signed, granularity=granularity, role=role, num_channels=channels)
-    q = cls(**kwargs)
-    assert isinstance(q, Quantizer) and q.method == name
+    recipe = QuantizerRecipe(name, bits, signed, granularity)
+
+    def build(recipe=recipe):
+        return build_quantizer(recipe, role, num_channels=channels)
+
+    q = build()
+    assert isinstance(q, Quantizer) and q.method == name and isinstance(q, cls)
     x = torch.randn(channels, 5, 3, 3) * 2
     if not signed:
         x = x.abs()
@@ -65,7 +77,7 @@ def test_contract(seed, name, role, signed, granularity):
     assert all(g.unique().numel() <= 2**bits for g in groups)
     assert q.is_initialized
     # State dict round trip into a fresh instance reproduces the outputs exactly (eval: no more updates).
-    fresh = cls(**kwargs)
+    fresh = build()
     fresh.load_state_dict(q.state_dict())
     q.eval()
     fresh.eval()
@@ -74,33 +86,77 @@ def test_contract(seed, name, role, signed, granularity):
         other = other.abs()
     assert torch.equal(fresh(other), q(other))
     # "off" is the identity and holds no state.
-    off = cls(**{**kwargs, "bits": None})
+    off = build(dataclasses.replace(recipe, bits=None))
     assert off(x) is x and not off.state_dict()
     assert f"bits={q.bits_label}" in repr(q)
     # An empty batch (a detection head without proposals) passes through and initialises nothing.
-    empty_first = cls(**kwargs)
+    empty_first = build()
     initial_state = {k: v.clone() for k, v in empty_first.state_dict().items()}
     assert empty_first(x[:0]).shape == x[:0].shape
     assert all(torch.equal(v, empty_first.state_dict()[k]) for k, v in initial_state.items())
 
 
+@pytest.mark.parametrize("name,role,signed,granularity", list(_configurations()))
+def test_grid_contract(seed, name, role, signed, granularity):
+    """Every quantizer states its output as integers times a scale, or says why it cannot; a compact
+    encoding of its output (the saved activations) expands bit for bit."""
+    cls = QUANTIZERS.get(name)
+    bits = random.Random(seed).randint(cls.bit_range[0], min(cls.bit_range[1], 4))
+    channels = 6
+    q = build_quantizer(QuantizerRecipe(name, bits, signed, granularity), role, num_channels=channels)
+    x = torch.randn(channels, 5, 3, 3) * 2
+    x = x if signed else x.abs()
+    out = q(x).detach()
+    try:
+        grid = q.integer_grid(x)
+    except GridUnavailable as exc:
+        assert name == "lqnet", f"{name} must state its grid: {exc}"
+        return
+    codes = grid.codes(out)
+    assert torch.equal(codes, codes.round())
+    assert grid.qmin <= codes.min() and codes.max() <= grid.qmax
+    assert (grid.scale > 0).all() and grid.zero_point == 0
+    torch.testing.assert_close(grid.dequantize(codes), out, rtol=1e-6, atol=1e-7)
+    if grid.rounding == "sign":
+        assert set(codes.unique().tolist()) <= {grid.qmin, grid.qmax}
+    packed = q.compact(out)
+    if packed is not None:
+        assert torch.equal(q.expand(packed), out)
+
+
+def test_a_quantizer_that_was_never_initialised_has_no_grid():
+    q = build_quantizer(QuantizerRecipe("lsq", 4, False))
+    with pytest.raises(GridUnavailable, match="never initialised from data"):
+        q.integer_grid()
+
+
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_unknown_option_is_rejected_with_suggestion(name):
     cls = QUANTIZERS.get(name)
-    options = cls.option_names()
+    options = [f.name for f in dataclasses.fields(cls.Options)]
     key = options[0] + "x" if options else "grad_scale"
+    role = cls.roles[-1]
+    recipe = QuantizerRecipe(name, cls.bit_range[0], cls.signedness[role][0], options={key: 1})
     with pytest.raises(ValueError, match=f"unknown option '{key}'"):
-        cls.check_config(
-            cls.bit_range[0], True in cls.signedness[cls.roles[-1]], "per_tensor", cls.roles[-1], **{key: 1}
-        )
+        recipe.validate(role)
+
+
+def test_registering_sets_the_method_name_and_options_are_one_dataclass():
+    assert all(QUANTIZERS.get(name).method == name for name in EXPECTED)
+    assert all(issubclass(QUANTIZERS.get(name).Options, QuantizerOptions) for name in EXPECTED)
+    # Defaults live in the options dataclass, once.
+    assert QUANTIZERS.get("lsq").Options().grad_scale is True
 
 
 def test_bits_out_of_range_and_per_channel_activations_are_rejected():
-    with pytest.raises(ValueError, match=r"bits must be an integer in \[1, 8\]"):
-        QUANTIZERS.get("lsq")(bits=9)
-    with pytest.raises(ValueError, match=r"bits must be an integer in \[1, 8\]"):
-        QUANTIZERS.get("lsq")(bits=0)
+    def build(bits=4, granularity="per_tensor", role="activation"):
+        return build_quantizer(QuantizerRecipe("lsq", bits, True, granularity), role, num_channels=3)
+
+    with pytest.raises(ValueError, match=r"bits: must be an integer in \[1, 8\]"):
+        build(bits=9)
+    with pytest.raises(ValueError, match=r"bits: must be an integer in \[1, 8\]"):
+        build(bits=0)
     with pytest.raises(ValueError, match="only supported for weights"):
-        QUANTIZERS.get("lsq")(bits=4, granularity="per_channel", role="activation", num_channels=3)
+        build(granularity="per_channel")
     with pytest.raises(ValueError, match=r"unknown granularity 'per-channel'.*'per_channel'"):
-        QUANTIZERS.get("lsq")(bits=4, granularity="per-channel")
+        build(granularity="per-channel")

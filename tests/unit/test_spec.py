@@ -65,20 +65,23 @@ def test_rules_cascade_in_order_and_match_ancestors():
         ({"activation": {"bits": 0}}, r"activation\.bits"),
         ({"weight": {"bits": "four"}}, r"weight\.bits"),
         ({"weight": {"granularity": "per-channel"}}, r"weight\.granularity.*did you mean 'per_channel'"),
-        ({"activation": {"granularity": "per_channel"}}, r"activation: .*only supported for weights"),
+        (
+            {"activation": {"granularity": "per_channel"}},
+            r"activation\.granularity: .*only supported for weights",
+        ),
         (
             {"weight": {"options": {"grad_scal": False}}},
-            r"weight: lsq: unknown option 'grad_scal': did you mean 'grad_scale'",
+            r"weight\.options: unknown option 'grad_scal': did you mean 'grad_scale'",
         ),
-        ({"weight": {"method": "dorefa", "signed": False}}, r"weight: dorefa: weights must be signed"),
+        ({"weight": {"method": "dorefa", "signed": False}}, r"weight\.signed: dorefa weights must be signed"),
         (
             {"activation": {"method": "pact", "signed": True}},
-            r"activation: pact: activations must be unsigned",
+            r"activation\.signed: pact activations must be unsigned",
         ),
-        ({"weight": {"method": "binary", "bits": 4}}, r"weight: binary: bits must be an integer in \[1, 1\]"),
+        ({"weight": {"method": "binary", "bits": 4}}, r"weight\.bits: binary supports bits in \[1, 1\]"),
         (
             {"weight": {"method": "lqnet", "bits": 3, "options": {"ternary": True}}},
-            r"weight: lqnet: ternary needs bits=2",
+            r"weight\.options\.ternary: needs bits=2",
         ),
         (
             {"rules": [{"patern": "a", "skip": True}]},
@@ -132,7 +135,9 @@ def test_cascaded_overrides_are_validated_per_module():
         }
     )
     assert spec.resolve("a1").weight.method == "binary"
-    with pytest.raises(ValueError, match=r"rules\[1\] \('ab'\)\.weight \(for 'ab'\): binary: bits"):
+    with pytest.raises(
+        ValueError, match=r"rules\[1\] \('ab'\)\.weight \(for 'ab'\)\.bits: binary supports bits"
+    ):
         spec.resolve("ab")
 
 

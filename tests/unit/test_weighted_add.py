@@ -9,7 +9,7 @@ from torch import nn
 
 from model_quantization import convert
 from model_quantization.nn import QuantizedSumModule, QWeightedAdd, WeightedAdd, quantized_module_for
-from model_quantization.quantizers import LSQQuantizer
+from tests.unit.quantizer_factory import make_quantizer
 
 
 def _inline_fusion(inputs: list[torch.Tensor], weight: torch.Tensor) -> torch.Tensor:
@@ -51,7 +51,9 @@ def test_qweighted_add_matches_float_at_high_bits_and_exactly_when_off(seed, ali
     inputs, weight = _inputs(), torch.rand(3) + 0.1
     reference = _inline_fusion(inputs, weight)
     off = QWeightedAdd.from_float(
-        WeightedAdd(), output_quantizer=LSQQuantizer(None), input_quantizer=LSQQuantizer(None)
+        WeightedAdd(),
+        output_quantizer=make_quantizer("lsq", None),
+        input_quantizer=make_quantizer("lsq", None),
     )
     assert torch.equal(off(inputs, weight), reference) and not off.align_inputs
     # 8 bits, steps covering the data range (max |x| / 127): within half a step of each quantizer
@@ -59,8 +61,8 @@ def test_qweighted_add_matches_float_at_high_bits_and_exactly_when_off(seed, ali
     in_step = max(x.abs().max().item() for x in inputs) / 127
     fusion = QWeightedAdd.from_float(
         WeightedAdd(),
-        output_quantizer=LSQQuantizer(8, True, init_value=out_step),
-        input_quantizer=LSQQuantizer(8 if align else None, True, init_value=in_step),
+        output_quantizer=make_quantizer("lsq", 8, True, init_value=out_step),
+        input_quantizer=make_quantizer("lsq", 8 if align else None, True, init_value=in_step),
     )
     assert fusion.align_inputs is align
     error = (fusion(inputs, weight) - reference).abs().max().item()
@@ -71,8 +73,8 @@ def test_qweighted_add_applies_its_quantizers_in_order(seed):
     inputs, weight = _inputs(2), torch.tensor([0.7, 1.9])
     fusion = QWeightedAdd.from_float(
         WeightedAdd(),
-        output_quantizer=LSQQuantizer(3, True, init_value=0.5),
-        input_quantizer=LSQQuantizer(4, True, init_value=0.25),
+        output_quantizer=make_quantizer("lsq", 3, True, init_value=0.5),
+        input_quantizer=make_quantizer("lsq", 4, True, init_value=0.25),
     )
     grid = [torch.clamp(torch.round(x / 0.25), -8, 7) * 0.25 for x in inputs]
     expected = torch.clamp(torch.round(_inline_fusion(grid, weight) / 0.5), -4, 3) * 0.5
