@@ -8,7 +8,8 @@ Steps, each skipped when its stamp says nothing changed (so a re-run is a quick 
 3. install the pinned requirements (constraints.txt is the single source of versions, torch included);
 4. apply the patch series (tools/patches.py apply: refuses to clobber local work in a submodule);
 5. compile and install detectron2, then AdelaiDet, editable and without build isolation, so their C++/CUDA
-   extensions are built against the torch in the environment;
+   extensions are built against the torch in the environment (and rebuilt when one is missing or fails to
+   load, though the stamp matches);
 6. install model_quantization editable.
 
 Standard library only: it runs before the environment it creates exists.
@@ -24,6 +25,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,17 +107,98 @@ def ensure_environment(venv: Path) -> Path:
     return interpreter
 
 
-def python_info(python: Path, *, with_torch: bool = False) -> dict[str, str]:
-    """Version and prefix of the environment's interpreter (and its torch version: slow, imports torch)."""
-    code = "import json, sys\ninfo = {'python': sys.version.split()[0], 'prefix': sys.prefix}\n"
-    if with_torch:
-        code += "import torch\ninfo['torch'] = torch.__version__\n"
-    out = subprocess.run(
-        [str(python), "-c", code + "print(json.dumps(info))"], capture_output=True, text=True
-    )
+#: Run by the environment's interpreter: its versions, and which compiled extension files (argv) fail to
+#: load. Loading by file path skips the package's __init__ (slow, and not what is being checked).
+PROBE = """
+import importlib.util, json, os, sys
+info = {"python": sys.version.split()[0], "prefix": sys.prefix, "broken": {}}
+if WITH_TORCH:
+    import torch  # first: the extensions link against the libraries it loads
+    info["torch"] = torch.__version__
+for path in sys.argv[1:]:
+    try:
+        spec = importlib.util.spec_from_file_location(os.path.basename(path).split(".")[0], path)
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    except Exception as exc:
+        info["broken"][path] = f"{type(exc).__name__}: {exc}"
+print(json.dumps(info))
+"""
+
+
+def python_info(python: Path, *, with_torch: bool = False, extensions: Sequence[Path] = ()) -> dict:
+    """Ask the environment's interpreter about itself.
+
+    Args:
+        python: the interpreter.
+        with_torch: also report its torch version (slow: imports torch).
+        extensions: compiled extension module files to load there, after torch when `with_torch`.
+
+    Returns:
+        "python" (version), "prefix", "torch" when asked, and "broken": {file: why} for each extension
+        that fails to load.
+    """
+    code = PROBE.replace("WITH_TORCH", str(with_torch))
+    out = subprocess.run([str(python), "-c", code, *map(str, extensions)], capture_output=True, text=True)
+    if out.returncode != 0 and extensions:
+        # A stale extension can crash the interpreter outright: then each one counts as broken.
+        info = python_info(python, with_torch=with_torch)
+        crash = (out.stderr.strip().splitlines() or [f"exit code {out.returncode}"])[-1]
+        info["broken"] = {
+            str(path): f"loading the extensions crashed the interpreter: {crash}" for path in extensions
+        }
+        return info
     if out.returncode != 0:
         raise BuildError(f"{python} cannot report its versions:\n{out.stderr.strip()}")
     return json.loads(out.stdout)
+
+
+def extension_files(repo: Path) -> list[str]:
+    """The compiled extension modules an editable build left in `repo`'s source tree, relative to it."""
+    found = (p.relative_to(repo) for pattern in ("*.so", "*.pyd") for p in repo.rglob(pattern))
+    return sorted(str(rel) for rel in found if rel.parts[0] != "build")  # build/ is setuptools' scratch
+
+
+def claimed_extensions(stamp: Stamp, project: patches.Project, names: Sequence[str]) -> list[Path]:
+    """The compiled extension files the stamp says were built for the upstreams `names`, those on disk.
+
+    A stamp from before stamps listed them adopts what the source tree holds, so that upgrading does not
+    recompile a good build; a tree without any is rebuilt (see stale_reason).
+    """
+    files: list[Path] = []
+    for name in names:
+        entry = stamp.data.get(name)
+        repo = project.submodule_path(name)
+        if entry and "extensions" not in entry and extension_files(repo):
+            entry["extensions"] = extension_files(repo)
+        files += [repo / rel for rel in (entry or {}).get("extensions", [])]
+    return [path for path in files if path.is_file()]
+
+
+def stale_reason(recorded: dict | None, want: dict, repo: Path, broken: dict[str, str]) -> str | None:
+    """Why an upstream must be (re)built, or None when its stamp still tells the truth.
+
+    Matching inputs are not enough: `git submodule deinit -f` or `git clean -fdx` delete the compiled
+    extensions from the source tree and change no input, and the import then fails far from the cause.
+
+    Args:
+        recorded: what the stamp says was built (None: nothing).
+        want: the inputs of a build now (pin, series hash, HEAD, torch, CUDA settings).
+        repo: the upstream's source tree.
+        broken: {file: why} for recorded extension files that fail to load (see python_info).
+    """
+    if not recorded:
+        return "not built yet"
+    changed = [key for key in want if recorded.get(key) != want[key]]
+    if changed:
+        return f"{', '.join(changed)} changed"
+    if "extensions" not in recorded:
+        return "the stamp does not list the compiled extensions (an older build)"
+    for rel in recorded["extensions"]:
+        if not (repo / rel).is_file():
+            return f"{rel} is missing"
+        if str(repo / rel) in broken:
+            return f"{rel} does not load ({broken[str(repo / rel)]})"
+    return None
 
 
 class Stamp:
@@ -155,8 +238,15 @@ def install_requirements(python: Path, stamp: Stamp, extra: list[str]) -> None:
 
 
 def build_upstream(
-    python: Path, stamp: Stamp, project: patches.Project, name: str, env: dict[str, str], torch_version: str
+    python: Path,
+    stamp: Stamp,
+    project: patches.Project,
+    name: str,
+    env: dict[str, str],
+    torch_version: str,
+    broken: dict[str, str],
 ) -> None:
+    """Compile and install external/<name> editable, unless its stamp holds (see stale_reason)."""
     repo = project.submodule(name)
     head = patches.git_out(repo, "rev-parse", "HEAD")
     want = {
@@ -167,17 +257,20 @@ def build_upstream(
         "cuda": env.get("FORCE_CUDA", ""),
         "arch": env.get("TORCH_CUDA_ARCH_LIST", ""),
     }
-    if stamp.matches(name, want):
+    reason = stale_reason(stamp.data.get(name), want, repo, broken)
+    if reason is None:
         log(f"{name}: built at {head[:12]} with torch {want['torch']}, unchanged, skipped")
         return
+    log(f"{name}: building: {reason}")
     started = time.monotonic()
     # -e + --no-build-isolation: the extension compiles against the environment's torch, and the Python
     # sources stay in external/<name>, so edits to a patched tree are live.
     pip(
         python, "install", "--quiet", "--no-build-isolation", "-c", str(CONSTRAINTS), "-e", str(repo), env=env
     )
-    stamp.record(name, want)
-    log(f"{name}: built in {time.monotonic() - started:.0f} s")
+    extensions = extension_files(repo)
+    stamp.record(name, {**want, "extensions": extensions})
+    log(f"{name}: built in {time.monotonic() - started:.0f} s; extensions: {', '.join(extensions) or 'none'}")
 
 
 def install_self(python: Path, stamp: Stamp) -> None:
@@ -203,9 +296,10 @@ def build(venv: Path = DEFAULT_VENV, force_patches: bool = False) -> Path:
     for var in ("FORCE_CUDA", "TORCH_CUDA_ARCH_LIST", "CC", "CXX"):
         if var in os.environ:
             env[var] = os.environ[var]
-    torch_version = python_info(interpreter, with_torch=True)["torch"]
+    # One interpreter start (torch is slow to import) checks every extension the stamp says was built.
+    info = python_info(interpreter, with_torch=True, extensions=claimed_extensions(stamp, project, UPSTREAMS))
     for name in UPSTREAMS:
-        build_upstream(interpreter, stamp, project, name, env, torch_version)
+        build_upstream(interpreter, stamp, project, name, env, info["torch"], info["broken"])
     install_self(interpreter, stamp)
     log(f"environment ready: {interpreter} ({time.monotonic() - started:.1f} s)")
     return interpreter
