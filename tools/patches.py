@@ -369,7 +369,8 @@ def _check_safe_to_reset(
         upstream = git_out(repo, "rev-parse", "--verify", "--quiet", UPSTREAM_REF, check=False) or pin
     carried = None if ours or force else _carried(repo, upstream, series)
     if not force:
-        if carried and carried[0] < len(series.entries):
+        # No stamp: no apply finished here since the last one started, so a short HEAD is a killed apply's.
+        if stamp is None and carried and carried[0] < len(series.entries):
             count, others = carried
             detail = f" and {len(others)} other commit(s)" if others else " (an interrupted `apply`?)"
             raise PatchError(
@@ -386,7 +387,7 @@ def _check_safe_to_reset(
             )
         if not ours:
             detail = (
-                f"{len(carried[1])} commit(s) on top of upstream that are not the recorded series"
+                f"{carried[0] + len(carried[1])} commit(s) on top of upstream that are not the recorded series"
                 if carried
                 else f"HEAD {head[:12]} is neither the pin nor the last applied series"
             )
