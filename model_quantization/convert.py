@@ -18,7 +18,6 @@ from torch import nn
 from model_quantization.nn import (
     QDynamicConv2d,
     QuantizedModule,
-    QuantizedSumModule,
     QuantizedWeightModule,
     quantized_class,
     quantized_module_for,
@@ -28,11 +27,15 @@ from model_quantization.registry import close_matches
 from model_quantization.spec import QuantSpec, Resolution
 
 __all__ = [
+    "ConversionPlan",
     "ConversionReport",
     "ConversionResult",
     "FloatRow",
     "QuantizedRow",
+    "apply_plan",
+    "check_plan",
     "convert",
+    "plan_conversion",
 ]
 
 
@@ -72,6 +75,8 @@ class ConversionReport:
 
     quantized: tuple[QuantizedRow, ...]
     left_float: tuple[FloatRow, ...]
+    #: The spec's rules in effect, in order ("[i] pattern"), so a config's replaced RULES are visible.
+    rules: tuple[str, ...] = ()
 
     def rows(self) -> list[dict[str, str]]:
         """One dict per module: quantized rows (``status="quantized"``) then float rows (``status="float"``)."""
@@ -88,7 +93,9 @@ class ConversionReport:
             ],
         )
         left = _table(["module", "type", "reason"], [[r.name, r.type, r.reason] for r in self.left_float])
+        rules = ", ".join(self.rules) or "none"
         return (
+            f"Rules in effect (a config's RULES replace its base's): {rules}\n\n"
             f"Quantized modules ({len(self.quantized)}):\n{quantized}\n\n"
             f"Left in float ({len(self.left_float)}):\n{left}"
         )
@@ -201,43 +208,35 @@ def _prepare(
     return (lambda: handler.from_float(module, **quantizers)), row
 
 
-def convert(
-    model: nn.Module, spec: QuantSpec | Mapping[str, Any], *, inplace: bool = False
-) -> ConversionResult:
-    """Swap every quantizable module of ``model`` for its quantized version as ``spec`` says.
+@dataclass(frozen=True)
+class ConversionPlan:
+    """What :func:`convert` will do, decided before anything changes.
 
-    Quantizable: ``nn.Conv2d``, ``nn.ConvTranspose2d``, ``nn.Linear``, :class:`~model_quantization.nn.Add`,
-    :class:`~model_quantization.nn.WeightedAdd`, :class:`~model_quantization.nn.DynamicConv2d` and their
-    subclasses (see :func:`~model_quantization.nn.register_quantized_module` for more). Weight modules get
-    an input (activation) and a weight quantizer; sums (``Add``, ``WeightedAdd``) get an output quantizer
-    and, with ``align_add_inputs``, one shared quantizer for all summands.
-
-    Args:
-        model: a float model.
-        spec: a :class:`QuantSpec` or its dict form.
-        inplace: convert ``model`` itself (modules keep their identity, so existing references to
-            parameters stay valid); otherwise a deep copy is converted and ``model`` is left untouched.
-
-    Returns:
-        ``(model, report)``: the converted model and a :class:`ConversionReport`.
-
-    Raises:
-        ValueError: the spec is invalid, a rule matches no quantizable module, a module is matched by
-            contradicting rules, or the model already contains quantized modules. Nothing is converted then.
+    Attributes:
+        entries: (qualified name, module, resolution, quantized class) of every module to quantize.
+        left_float: modules that stay float, with the reason.
+        matched: for every rule index, the names of the quantizable modules it matched.
+        effective: for every rule index, the names of the modules where it changes something (a skip, an
+            activation override, or a weight override on a module that has weights).
     """
-    if not isinstance(spec, QuantSpec):
-        spec = QuantSpec.from_dict(spec)
-    modules = list(model.named_modules())
-    already = [n for n, m in modules if isinstance(m, QuantizedModule)]
-    if already:
-        raise ValueError(
-            f"model already contains quantized modules ({', '.join(already[:5])}); convert a float model"
-        )
 
-    plans: list[tuple[str, nn.Module, Resolution]] = []
+    entries: tuple[tuple[str, nn.Module, Resolution, type[QuantizedModule]], ...]
+    left_float: tuple[FloatRow, ...]
+    matched: dict[int, tuple[str, ...]]
+    effective: dict[int, tuple[str, ...]]
+
+
+def _has_weight(handler: type[QuantizedModule]) -> bool:
+    return issubclass(handler, QuantizedWeightModule | QDynamicConv2d)
+
+
+def plan_conversion(model: nn.Module, spec: QuantSpec) -> ConversionPlan:
+    """Resolve every module of ``model`` against ``spec`` (nothing is changed)."""
+    entries = []
     left_float: list[FloatRow] = []
-    used_rules: set[str] = set()
-    for name, module in modules:
+    matched: dict[int, list[str]] = {i: [] for i in range(len(spec.rules))}
+    effective: dict[int, list[str]] = {i: [] for i in range(len(spec.rules))}
+    for name, module in model.named_modules():
         if not name:
             continue
         handler = quantized_module_for(type(module))
@@ -252,36 +251,102 @@ def convert(
             elif next(module.parameters(recurse=False), None) is not None:
                 left_float.append(FloatRow(name, type_name, f"unsupported type {type_name}"))
             continue
-        plan = spec.resolve(name)
-        used_rules.update(plan.rules)
-        if plan.skip_rule is not None:
-            left_float.append(FloatRow(name, type_name, f"skipped by rule {plan.skip_rule!r}"))
-        elif plan.activation.bits is None and (
-            issubclass(handler, QuantizedSumModule) or plan.weight.bits is None
+        resolution = spec.resolve(name)
+        for i in resolution.indices:
+            matched[i].append(name)
+            rule = spec.rules[i]
+            if rule.skip or rule.activation or (rule.weight and _has_weight(handler)):
+                effective[i].append(name)
+        if resolution.skip_rule is not None:
+            left_float.append(FloatRow(name, type_name, f"skipped by rule {resolution.skip_rule!r}"))
+        elif resolution.activation.bits is None and (
+            not _has_weight(handler) or resolution.weight.bits is None
         ):
-            reason = f"all bits 'off' (rules: {', '.join(plan.rules) or 'defaults'})"
+            reason = f"all bits 'off' (rules: {', '.join(resolution.rules) or 'defaults'})"
             left_float.append(FloatRow(name, type_name, reason))
         else:
-            plans.append((name, module, plan))
+            entries.append((name, module, resolution, handler))
+    return ConversionPlan(
+        tuple(entries),
+        tuple(left_float),
+        {i: tuple(v) for i, v in matched.items()},
+        {i: tuple(v) for i, v in effective.items()},
+    )
 
-    unused = [(i, rule.pattern) for i, rule in enumerate(spec.rules) if rule.pattern not in used_rules]
+
+def check_plan(model: nn.Module, spec: QuantSpec, plan: ConversionPlan) -> None:
+    """``ValueError`` for a rule that would silently do nothing: it matches no quantizable module, or its
+    only override is ``weight`` and it matches only modules without weights (sums)."""
+    unused = [i for i, names in plan.matched.items() if not names]
     if unused:
-        quantizable = [n for n, m in modules if n and quantized_module_for(type(m)) is not None]
-        i, pattern = unused[0]
+        quantizable = [n for n, m in model.named_modules() if n and quantized_module_for(type(m)) is not None]
+        i, pattern = unused[0], spec.rules[unused[0]].pattern
         more = f" ({len(unused) - 1} more rule(s) match nothing either)" if len(unused) > 1 else ""
         raise ValueError(
             f"rules[{i}] ({pattern!r}): matches no quantizable module (closest module names: "
             f"{', '.join(close_matches(pattern, quantizable)) or 'none'}){more}"
         )
+    for i, names in plan.effective.items():
+        if not names:
+            matched = plan.matched[i]
+            raise ValueError(
+                f"rules[{i}] ({spec.rules[i].pattern!r}): its only override is 'weight', but it matches only "
+                f"modules without weights ({', '.join(matched[:3])}{', ...' if len(matched) > 3 else ''}), "
+                f"so it would change nothing: override 'activation' for sums, or narrow the pattern"
+            )
 
+
+def apply_plan(model: nn.Module, spec: QuantSpec, plan: ConversionPlan) -> ConversionReport:
+    """Build every quantizer first (an error leaves the model untouched), then swap the modules."""
+    device = _device_of(model, recurse=True)
+    prepared = [
+        _prepare(name, module, resolution, spec, device) for name, module, resolution, _ in plan.entries
+    ]
+    for apply, _ in prepared:
+        apply()
+    rules = tuple(f"[{i}] {rule.pattern}" for i, rule in enumerate(spec.rules))
+    return ConversionReport(tuple(row for _, row in prepared), plan.left_float, rules)
+
+
+def convert(
+    model: nn.Module, spec: QuantSpec | Mapping[str, Any], *, inplace: bool = False
+) -> ConversionResult:
+    """Swap every quantizable module of ``model`` for its quantized version as ``spec`` says.
+
+    Quantizable: ``nn.Conv2d``, ``nn.ConvTranspose2d``, ``nn.Linear``, :class:`~model_quantization.nn.Add`,
+    :class:`~model_quantization.nn.WeightedAdd`, :class:`~model_quantization.nn.DynamicConv2d` and their
+    subclasses (see :func:`~model_quantization.nn.register_quantized_module` for more). Weight modules get
+    an input (activation) and a weight quantizer; sums (``Add``, ``WeightedAdd``) get an output quantizer
+    and, with ``align_add_inputs``, one shared quantizer for all summands.
+
+    Three steps: :func:`plan_conversion`, :func:`check_plan`, :func:`apply_plan`.
+
+    Args:
+        model: a float model.
+        spec: a :class:`QuantSpec` or its dict form.
+        inplace: convert ``model`` itself (modules keep their identity, so existing references to
+            parameters stay valid); otherwise a deep copy is converted and ``model`` is left untouched.
+
+    Returns:
+        ``(model, report)``: the converted model and a :class:`ConversionReport`.
+
+    Raises:
+        ValueError: the spec is invalid, a rule matches no quantizable module or would change nothing, a
+            module is matched by contradicting rules, or the model already contains quantized modules.
+            Nothing is converted then.
+    """
+    if not isinstance(spec, QuantSpec):
+        spec = QuantSpec.from_dict(spec)
+    already = [n for n, m in model.named_modules() if isinstance(m, QuantizedModule)]
+    if already:
+        raise ValueError(
+            f"model already contains quantized modules ({', '.join(already[:5])}); convert a float model"
+        )
+    plan = plan_conversion(model, spec)
+    check_plan(model, spec, plan)
     if not inplace:
         model = copy.deepcopy(model)
         by_name = dict(model.named_modules())
-        plans = [(name, by_name[name], plan) for name, _, plan in plans]
-    # Build every quantizer before swapping any class, so that an error leaves the model untouched.
-    device = _device_of(model, recurse=True)
-    prepared = [_prepare(name, module, plan, spec, device) for name, module, plan in plans]
-    for apply, _ in prepared:
-        apply()
-    rows = [row for _, row in prepared]
-    return ConversionResult(model, ConversionReport(tuple(rows), tuple(left_float)))
+        entries = tuple((name, by_name[name], res, handler) for name, _, res, handler in plan.entries)
+        plan = dataclasses.replace(plan, entries=entries)
+    return ConversionResult(model, apply_plan(model, spec, plan))

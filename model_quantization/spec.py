@@ -101,12 +101,20 @@ class Rule:
 
 @dataclass(frozen=True)
 class Resolution:
-    """What the spec says about one module: skipped (by which rule) or the effective recipes."""
+    """What the spec says about one module: skipped (by which rule) or the effective recipes.
+
+    Attributes:
+        skip_rule: the pattern of the first skip rule that matched, or None.
+        weight, activation: the effective recipes.
+        rules: the patterns of every rule that matched, in order.
+        indices: their positions in ``QuantSpec.rules``.
+    """
 
     skip_rule: str | None
     weight: QuantizerRecipe
     activation: QuantizerRecipe
     rules: tuple[str, ...]
+    indices: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -186,11 +194,13 @@ class QuantSpec:
         """Effective recipes for the module called ``name`` (``ValueError`` on skip/override conflicts)."""
         weight, activation = self.weight, self.activation
         applied: list[str] = []
+        indices: list[int] = []
         skip_rule = override_rule = None
         for i, rule in enumerate(self.rules):
             if not rule.matches(name):
                 continue
             applied.append(rule.pattern)
+            indices.append(i)
             if rule.skip:
                 skip_rule = skip_rule or rule.pattern
                 continue
@@ -207,4 +217,4 @@ class QuantSpec:
                 f"module {name!r} is matched by skip rule {skip_rule!r} and by override rule {override_rule!r}; "
                 f"these contradict each other: narrow one of the patterns"
             )
-        return Resolution(skip_rule, weight, activation, tuple(applied))
+        return Resolution(skip_rule, weight, activation, tuple(applied), tuple(indices))

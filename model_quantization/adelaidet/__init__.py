@@ -1,4 +1,4 @@
-"""AdelaiDet integration: the head submodules of its detectors (``SCOPE``) and its BiFPN (``FPN_ACTIVATION``).
+"""AdelaiDet's entries in the per-architecture tables: the heads of its detectors and its BiFPN neck.
 
 Everything else AdelaiDet needs works through the detectron2 integration: its configs clone detectron2's
 defaults (so ``MODEL.QUANTIZATION`` is there in either import order), its models are built by the hooked
@@ -7,20 +7,24 @@ defaults (so ``MODEL.QUANTIZATION`` is there in either import order), its models
 weights are quantized through :class:`model_quantization.nn.DynamicConv2d` (patched into its mask head).
 The patch series also turns BiFPN's weighted fusions into :class:`~model_quantization.nn.WeightedAdd`
 modules and the residual sums of DLA, VoVNet, MobileNetV2 and ResNet-LPF into ``Add`` modules.
-Importing this module needs no AdelaiDet.
+
+This module holds data only and imports neither AdelaiDet nor the detectron2 integration, which reads it
+(:mod:`model_quantization.detectron2.architectures`): the dependency goes one way.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from ..detectron2.heads import HEADS
-from ..detectron2.modeling import FPN_CONVS
+__all__ = ["HEAD_PREFIXES", "NECK_CONVS", "bifpn_convs"]
 
+#: Meta-architecture class name -> the qualified names of its head submodules (``SCOPE: backbone``).
 #: FCOS-based detectors: the FCOS head is the proposal generator; instance-mask models add their branches.
-HEADS.register("OneStageDetector", ("proposal_generator",))
-HEADS.register("BlendMask", ("proposal_generator", "basis_module", "blender", "top_layer"))
-HEADS.register("CondInst", ("proposal_generator", "mask_branch", "mask_head", "controller"))
+HEAD_PREFIXES: dict[str, tuple[str, ...]] = {
+    "OneStageDetector": ("proposal_generator",),
+    "BlendMask": ("proposal_generator", "basis_module", "blender", "top_layer"),
+    "CondInst": ("proposal_generator", "mask_branch", "mask_head", "controller"),
+}
 
 
 def bifpn_convs(bifpn: nn.Module) -> list[nn.Module]:
@@ -38,4 +42,5 @@ def bifpn_convs(bifpn: nn.Module) -> list[nn.Module]:
     return convs
 
 
-FPN_CONVS["BiFPN"] = bifpn_convs
+#: FPN-like neck class name -> the convs ``FPN_ACTIVATION`` rectifies.
+NECK_CONVS = {"BiFPN": bifpn_convs}

@@ -13,16 +13,17 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .config import add_quantization_config, spec_from_cfg
+from .config import QuantizationConfig, add_quantization_config, parse_quantization_config
 
 __all__ = [
+    "QuantizationConfig",
     "add_quantization_config",
     "apply_architecture_options",
     "quantize",
     "quantizer_overrides",
     "register_default_shapes",
+    "parse_quantization_config",
     "register_shapes",
-    "spec_from_cfg",
 ]
 
 _LAZY = {

@@ -1,4 +1,4 @@
-"""``MODEL.QUANTIZATION``: the detectron2 config schema of a :class:`~model_quantization.spec.QuantSpec`.
+"""``MODEL.QUANTIZATION``: the detectron2 config schema, parsed once into a :class:`QuantizationConfig`.
 
 The schema mirrors the core spec in detectron2's upper-case style::
 
@@ -17,26 +17,44 @@ The schema mirrors the core spec in detectron2's upper-case style::
         QUANTIZER_WEIGHT_DECAY: 0.0    # weight decay of quantizer parameters
         BACKBONE_WEIGHTS: ""           # double-init: a quantized backbone checkpoint loaded over MODEL.WEIGHTS
         GENERATED_WEIGHTS: True        # quantize call-time weights too (CondInst's dynamic mask head)
-        SCOPE: "all"                   # "backbone": heads of the meta-architecture stay float (heads.py)
+        SCOPE: "all"                   # "backbone": heads of the meta-architecture stay float
 
 ``BITS`` is an integer 1..8, or 0 for "off" (full precision; yacs keeps one type per key). ``OPTIONS``
-holds the method's options (e.g. ``{GRAD_SCALE: False, INIT_BATCHES: 4}`` for LSQ). This module must not
-import detectron2: :func:`add_quantization_config` runs while ``detectron2.config.defaults`` is imported.
+holds the method's options (e.g. ``{GRAD_SCALE: False, INIT_BATCHES: 4}`` for LSQ), type-checked.
+``RULES`` is a yacs list: a config's ``RULES`` *replaces* the list of its ``_BASE_`` (it does not extend it),
+so a child config that adds a rule restates its base's rules; the conversion report prints the rules in
+effect.
+
+The node is parsed and validated as a whole by :func:`parse_quantization_config`, whether or not
+``ENABLED`` is set, so a key that would be ignored is an error rather than a silent no-op. This module
+must not import detectron2: :func:`add_quantization_config` runs while ``detectron2.config.defaults`` is
+imported.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..registry import did_you_mean
 from ..spec import QuantSpec
 
-__all__ = ["add_quantization_config", "spec_dict_from_cfg", "spec_from_cfg"]
+__all__ = [
+    "FPN_ACTIVATIONS",
+    "SCOPES",
+    "QuantizationConfig",
+    "add_quantization_config",
+    "config_key_names",
+    "parse_quantization_config",
+]
 
 _RECIPE_KEYS = ("METHOD", "BITS", "SIGNED", "GRANULARITY", "OPTIONS")
 _RULE_KEYS = ("PATTERN", "SKIP", "WEIGHT", "ACTIVATION")
 FPN_ACTIVATIONS = ("", "relu")
+SCOPES = ("all", "backbone")
+PREFIX = "MODEL.QUANTIZATION"
 
 
 def add_quantization_config(cfg) -> None:
@@ -67,6 +85,30 @@ def add_quantization_config(cfg) -> None:
     cfg.MODEL.QUANTIZATION = q
 
 
+@dataclass(frozen=True)
+class QuantizationConfig:
+    """``MODEL.QUANTIZATION`` parsed and validated: what modeling, the optimizer and the tools read.
+
+    Attributes:
+        enabled: quantize the model.
+        spec: the core spec (recipes and rules), validated even when quantization is off.
+        fpn_activation: ``""`` or ``"relu"`` (FPN-BN).
+        scope: ``"all"`` or ``"backbone"``.
+        generated_weights: quantize call-time weights (CondInst's mask head).
+        backbone_weights: a quantized backbone checkpoint loaded over ``MODEL.WEIGHTS`` (double init).
+        lr_factor, weight_decay: optimizer settings of quantizer parameters.
+    """
+
+    enabled: bool
+    spec: QuantSpec
+    fpn_activation: str = ""
+    scope: str = "all"
+    generated_weights: bool = True
+    backbone_weights: str = ""
+    lr_factor: float = 1.0
+    weight_decay: float = 0.0
+
+
 def _check_keys(data: Any, valid: tuple[str, ...], where: str) -> None:
     if not isinstance(data, dict):
         raise ValueError(f"{where}: expected a mapping with keys {', '.join(valid)}, got {data!r}")
@@ -79,24 +121,27 @@ def _recipe_dict(node: Any, where: str) -> dict[str, Any]:
     _check_keys(dict(node), _RECIPE_KEYS, where)
     out: dict[str, Any] = {}
     for key, value in dict(node).items():
-        if key == "BITS":
+        if key == "BITS" and not isinstance(value, bool):  # False is not 0 here: it is a type error
             value = "off" if value in (0, "off", None) else value
         elif key == "GRANULARITY" and isinstance(value, str):
             value = value.lower()
         elif key == "OPTIONS":
+            if not isinstance(value, dict):
+                raise ValueError(
+                    f"{where}.OPTIONS: expected a mapping of option names to values, got {value!r}"
+                )
             value = {str(k).lower(): v for k, v in dict(value).items()}
         out[key.lower()] = value
     return out
 
 
-def spec_dict_from_cfg(cfg) -> dict[str, Any]:
-    """The core spec dict that ``cfg.MODEL.QUANTIZATION`` describes (keys checked, not yet validated)."""
-    q = cfg.MODEL.QUANTIZATION
+def spec_dict(q) -> dict[str, Any]:
+    """The core spec dict that a ``MODEL.QUANTIZATION`` node describes (keys checked, not yet validated)."""
     rules = []
     if not isinstance(q.RULES, list | tuple):
-        raise ValueError(f"MODEL.QUANTIZATION.RULES: expected a list of rules, got {q.RULES!r}")
+        raise ValueError(f"{PREFIX}.RULES: expected a list of rules, got {q.RULES!r}")
     for i, rule in enumerate(q.RULES):
-        where = f"MODEL.QUANTIZATION.RULES[{i}]"
+        where = f"{PREFIX}.RULES[{i}]"
         _check_keys(dict(rule) if isinstance(rule, dict) else rule, _RULE_KEYS, where)
         out: dict[str, Any] = {"pattern": rule.get("PATTERN")}
         if "SKIP" in rule:
@@ -106,38 +151,73 @@ def spec_dict_from_cfg(cfg) -> dict[str, Any]:
                 out[role.lower()] = _recipe_dict(rule[role], f"{where}.{role}")
         rules.append(out)
     return {
-        "weight": _recipe_dict(q.WEIGHT, "MODEL.QUANTIZATION.WEIGHT"),
-        "activation": _recipe_dict(q.ACTIVATION, "MODEL.QUANTIZATION.ACTIVATION"),
+        "weight": _recipe_dict(q.WEIGHT, f"{PREFIX}.WEIGHT"),
+        "activation": _recipe_dict(q.ACTIVATION, f"{PREFIX}.ACTIVATION"),
         "align_add_inputs": q.ALIGN_ADD_INPUTS,
         "rules": rules,
     }
 
 
-def _config_key_names(message: str) -> str:
+def config_key_names(message: str) -> str:
     """Rewrite the spec's ``rules[0] ('x').weight.bits: ...`` prefix as config keys (quoted parts kept)."""
     where, sep, rest = message.partition(": ")
     if not sep or not re.match(r"(weight|activation|rules\[\d+\]|align_add_inputs)(?=[ .]|$)", where):
-        return f"MODEL.QUANTIZATION: {message}"
+        return f"{PREFIX}: {message}"
     parts = re.split(r"('[^']*')", where)
     upper = "".join(p if p.startswith("'") else p.upper() for p in parts)
-    return f"MODEL.QUANTIZATION.{upper}: {rest}"
+    return f"{PREFIX}.{upper}: {rest}"
 
 
-def spec_from_cfg(cfg) -> QuantSpec:
-    """Build and validate the spec of ``cfg.MODEL.QUANTIZATION``.
+def _choice(value: Any, choices: tuple[str, ...], key: str, noun: str) -> str:
+    if value not in choices:
+        raise ValueError(f"{PREFIX}.{key}: unknown {noun} {value!r}: {did_you_mean(str(value), choices)}")
+    return value
+
+
+def _number(value: Any, key: str, minimum: float = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= minimum:
+        raise ValueError(f"{PREFIX}.{key}: must be a number >= {minimum:g}, got {value!r}")
+    return float(value)
+
+
+def _boolean(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{PREFIX}.{key}: must be true or false, got {value!r}")
+    return value
+
+
+def parse_quantization_config(cfg) -> QuantizationConfig:
+    """Parse and validate ``cfg.MODEL.QUANTIZATION`` as a whole (also when ``ENABLED`` is False).
 
     Raises:
         ValueError: naming the config key (``MODEL.QUANTIZATION.RULES[2].WEIGHT.BITS``, ...) and the closest
-            valid names, for any invalid key, method, bit width, option or contradictory rule.
+            valid names, for any invalid key, method, bit width, option, contradictory rule, or a setting
+            that quantization being off would silently ignore.
     """
     q = cfg.MODEL.QUANTIZATION
-    if q.FPN_ACTIVATION not in FPN_ACTIVATIONS:
-        raise ValueError(
-            f"MODEL.QUANTIZATION.FPN_ACTIVATION: unknown activation {q.FPN_ACTIVATION!r}: "
-            f"{did_you_mean(str(q.FPN_ACTIVATION), FPN_ACTIVATIONS)}"
-        )
-    data = spec_dict_from_cfg(cfg)
+    enabled = _boolean(q.ENABLED, "ENABLED")
     try:
-        return QuantSpec.from_dict(data)
+        spec = QuantSpec.from_dict(spec_dict(q))
     except ValueError as exc:
-        raise ValueError(_config_key_names(str(exc))) from None
+        message = str(exc)
+        raise ValueError(message if message.startswith(PREFIX) else config_key_names(message)) from None
+    backbone_weights = q.BACKBONE_WEIGHTS
+    if backbone_weights:
+        if not enabled:
+            raise ValueError(
+                f"{PREFIX}.BACKBONE_WEIGHTS={backbone_weights!r} is set but {PREFIX}.ENABLED is False: a "
+                f"quantized backbone checkpoint means nothing for a float model (clear it, or enable "
+                f"quantization)"
+            )
+        if not Path(backbone_weights).is_file():
+            raise ValueError(f"{PREFIX}.BACKBONE_WEIGHTS: no such file: {backbone_weights!r}")
+    return QuantizationConfig(
+        enabled=enabled,
+        spec=spec,
+        fpn_activation=_choice(q.FPN_ACTIVATION, FPN_ACTIVATIONS, "FPN_ACTIVATION", "activation"),
+        scope=_choice(q.SCOPE, SCOPES, "SCOPE", "scope"),
+        generated_weights=_boolean(q.GENERATED_WEIGHTS, "GENERATED_WEIGHTS"),
+        backbone_weights=backbone_weights,
+        lr_factor=_number(q.QUANTIZER_LR_FACTOR, "QUANTIZER_LR_FACTOR"),
+        weight_decay=_number(q.QUANTIZER_WEIGHT_DECAY, "QUANTIZER_WEIGHT_DECAY"),
+    )

@@ -1,11 +1,12 @@
 """The build-time hook: turn a freshly built detectron2 model into the quantized model its config asks for.
 
 Called by the patched ``detectron2.modeling.build_model`` for every meta-architecture (AdelaiDet's
-included). Two steps, both no-ops under an unmodified config:
+included). ``MODEL.QUANTIZATION`` is parsed once (:func:`~.config.parse_quantization_config`, validated
+whether or not quantization is on) and kept as ``model.quantization_config``; then:
 
 1. architecture options that quantized models need, e.g. ``FPN_ACTIVATION: relu`` (FPN-BN: unsigned
    quantized activations need non-negative conv inputs, so the FPN's convs get a ReLU after their norm;
-   other FPN-like necks, e.g. AdelaiDet's BiFPN, are registered in :data:`FPN_CONVS`);
+   other FPN-like necks, e.g. AdelaiDet's BiFPN, are in :data:`~.architectures.NECKS`);
 2. with ``MODEL.QUANTIZATION.ENABLED``, :func:`model_quantization.convert` with the config's spec, in place,
    and the conversion report in the log (also kept as ``model.quantization_report``);
 3. with ``BACKBONE_WEIGHTS``, the double-init hook (:mod:`.checkpoint`).
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
 
 import torch.nn.functional as F
 from torch import nn
@@ -23,18 +23,13 @@ from torch import nn
 from ..convert import convert
 from ..nn import DynamicConv2d
 from ..spec import QuantSpec, Rule
+from .architectures import NECKS, fpn_convs, head_skip_rules
 from .checkpoint import attach_backbone_weights, load_backbone_weights
-from .config import _config_key_names, spec_from_cfg
-from .heads import head_skip_rules
+from .config import QuantizationConfig, config_key_names, parse_quantization_config
 
-__all__ = ["FPN_CONVS", "apply_architecture_options", "quantize"]
+__all__ = ["apply_architecture_options", "quantize"]
 
 logger = logging.getLogger(__name__)
-
-#: FPN-like necks other than detectron2's ``FPN``, by class name: a function that returns the convs whose
-#: outputs ``FPN_ACTIVATION`` rectifies. Integrations register theirs (``model_quantization.adelaidet``:
-#: AdelaiDet's ``BiFPN``) without this module importing them.
-FPN_CONVS: dict[str, Callable[[nn.Module], list[nn.Module]]] = {}
 
 
 class ConvReLU(nn.Conv2d):
@@ -55,31 +50,21 @@ def _relu_after(conv: nn.Module) -> None:
         raise TypeError(f"FPN_ACTIVATION: cannot add a ReLU after {type(conv).__name__}")
 
 
-def _fpn_convs(fpn: nn.Module) -> list[nn.Module]:
-    convs = [*fpn.lateral_convs, *fpn.output_convs]
-    # Extra levels (RetinaNet's P6/P7, FCOS's P6/P7): their outputs feed the heads too.
-    if fpn.top_block is not None:
-        convs += [c for c in fpn.top_block.modules() if isinstance(c, nn.Conv2d)]
-    return convs
-
-
-def apply_architecture_options(model: nn.Module, cfg) -> list[str]:
-    """Apply ``MODEL.QUANTIZATION.FPN_ACTIVATION`` to every detectron2 FPN (and :data:`FPN_CONVS` neck).
+def apply_architecture_options(model: nn.Module, config: QuantizationConfig) -> list[str]:
+    """Apply ``FPN_ACTIVATION`` to every detectron2 FPN (and every neck in :data:`NECKS`).
 
     Returns the qualified names of the convs that got a ReLU.
     """
-    if not cfg.MODEL.QUANTIZATION.FPN_ACTIVATION:
+    if not config.fpn_activation:
         return []
     from detectron2.modeling.backbone import FPN
-
-    from .. import adelaidet  # noqa: F401  (registers AdelaiDet's BiFPN)
 
     changed = []
     for name, module in model.named_modules():
         if isinstance(module, FPN):
-            found = _fpn_convs(module)
-        elif type(module).__name__ in FPN_CONVS:
-            found = FPN_CONVS[type(module).__name__](module)
+            found = fpn_convs(module)
+        elif type(module).__name__ in NECKS:
+            found = NECKS.get(type(module).__name__)(module)
         else:
             continue
         convs = {id(c): c for c in found}
@@ -90,7 +75,7 @@ def apply_architecture_options(model: nn.Module, cfg) -> list[str]:
     if not changed:
         raise ValueError(
             f"MODEL.QUANTIZATION.FPN_ACTIVATION is set, but the model has no FPN "
-            f"(known: detectron2's FPN, {', '.join(sorted(FPN_CONVS))})"
+            f"(known: detectron2's FPN, {', '.join(NECKS.names())})"
         )
     return sorted(changed)
 
@@ -107,27 +92,27 @@ def _skip_generated_weight_convs(model: nn.Module, spec: QuantSpec) -> QuantSpec
 
 def quantize(model: nn.Module, cfg) -> nn.Module:
     """Apply the architecture options and, when enabled, quantize ``model`` in place as ``cfg`` says."""
-    relu_convs = apply_architecture_options(model, cfg)
+    config = parse_quantization_config(cfg)
+    relu_convs = apply_architecture_options(model, config)
     if relu_convs:
-        logger.info(
-            "FPN_ACTIVATION=%s after %d FPN convs", cfg.MODEL.QUANTIZATION.FPN_ACTIVATION, len(relu_convs)
-        )
-    if not cfg.MODEL.QUANTIZATION.ENABLED:
+        logger.info("FPN_ACTIVATION=%s after %d FPN convs", config.fpn_activation, len(relu_convs))
+    if not config.enabled:
         return model
-    spec = spec_from_cfg(cfg)
-    if not cfg.MODEL.QUANTIZATION.GENERATED_WEIGHTS:
+    spec = config.spec
+    if not config.generated_weights:
         spec = _skip_generated_weight_convs(model, spec)
-    head_rules = head_skip_rules(model, cfg.MODEL.QUANTIZATION.SCOPE)
+    head_rules = head_skip_rules(model, config.scope)
     if head_rules:
         spec = dataclasses.replace(spec, rules=(*spec.rules, *head_rules))
     try:
         model, report = convert(model, spec, inplace=True)
     except ValueError as exc:  # e.g. a rule that matches no module: name the config key
-        raise ValueError(_config_key_names(str(exc))) from None
+        raise ValueError(config_key_names(str(exc))) from None
     logger.info("Quantized %s as MODEL.QUANTIZATION says:\n%s", type(model).__name__, report)
     model.quantization_report = report
-    if cfg.MODEL.QUANTIZATION.BACKBONE_WEIGHTS:
-        attach_backbone_weights(model, cfg.MODEL.QUANTIZATION.BACKBONE_WEIGHTS)
+    model.quantization_config = config
+    if config.backbone_weights:
+        attach_backbone_weights(model, config.backbone_weights)
         if not cfg.MODEL.WEIGHTS:  # no detector checkpoint will be loaded to trigger it
-            load_backbone_weights(model, cfg.MODEL.QUANTIZATION.BACKBONE_WEIGHTS)
+            load_backbone_weights(model, config.backbone_weights)
     return model

@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from ..quantizers import Quantizer
+from .config import parse_quantization_config
 
 __all__ = ["quantizer_overrides"]
 
@@ -23,7 +24,6 @@ def quantizer_overrides(cfg, model: nn.Module) -> dict[str, dict[str, Any]] | No
         ValueError: when a quantizer parameter name is also used by a non-quantizer parameter, so that the
             override would silently change the other one too.
     """
-    q = cfg.MODEL.QUANTIZATION
     owners: dict[str, set[bool]] = {}
     for module in model.modules():
         is_quantizer = isinstance(module, Quantizer)
@@ -38,5 +38,6 @@ def quantizer_overrides(cfg, model: nn.Module) -> dict[str, dict[str, Any]] | No
             f"MODEL.QUANTIZATION.QUANTIZER_LR_FACTOR/QUANTIZER_WEIGHT_DECAY: quantizer parameter name(s) "
             f"{shared} are also used by other parameters of the model; cannot give them separate settings"
         )
-    settings = {"lr": cfg.SOLVER.BASE_LR * q.QUANTIZER_LR_FACTOR, "weight_decay": q.QUANTIZER_WEIGHT_DECAY}
+    config = getattr(model, "quantization_config", None) or parse_quantization_config(cfg)
+    settings = {"lr": cfg.SOLVER.BASE_LR * config.lr_factor, "weight_decay": config.weight_decay}
     return {name: dict(settings) for name in names}

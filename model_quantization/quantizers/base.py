@@ -33,11 +33,11 @@ from model_quantization.distributed import all_reduce_mean
 from model_quantization.quantizers.recipe import (
     GRANULARITIES,
     MAX_BITS,
+    QUANTIZERS,
     ROLES,
     QuantizerOptions,
     QuantizerRecipe,
 )
-from model_quantization.registry import Registry
 
 __all__ = [
     "GRANULARITIES",
@@ -50,12 +50,6 @@ __all__ = [
     "build_quantizer",
 ]
 
-
-def _set_method_name(name: str, cls: type[Quantizer]) -> None:
-    cls.method = name
-
-
-QUANTIZERS: Registry[type[Quantizer]] = Registry("quantization method", on_register=_set_method_name)
 
 #: Smallest step any quantizer uses: a dead (all-zero) input must never give a zero step.
 MIN_STEP = torch.finfo(torch.float32).tiny * 1e3

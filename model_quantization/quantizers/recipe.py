@@ -23,6 +23,7 @@ __all__ = [
     "GRANULARITIES",
     "MAX_BITS",
     "OFF",
+    "QUANTIZERS",
     "ROLES",
     "DataDrivenOptions",
     "QuantizerOptions",
@@ -112,10 +113,13 @@ def parse_bits(value: Any, where: str) -> int | None:
     return value
 
 
-def _registry() -> Registry:
-    from model_quantization.quantizers.base import QUANTIZERS  # base imports this module
+def _set_method_name(name: str, cls: type) -> None:
+    cls.method = name
 
-    return QUANTIZERS
+
+#: Method name -> quantizer class (:class:`~model_quantization.quantizers.base.Quantizer` subclasses).
+#: Registering a class sets its ``method``. It lives here, beside the recipes that name the methods.
+QUANTIZERS: Registry[type] = Registry("quantization method", on_register=_set_method_name)
 
 
 def check_keys(data: Any, valid: tuple[str, ...], where: str) -> None:
@@ -157,10 +161,10 @@ class QuantizerRecipe:
         options = dict(base.options)
         if "method" in data:
             method = data["method"]
-            if not isinstance(method, str) or method not in _registry():
+            if not isinstance(method, str) or method not in QUANTIZERS:
                 raise ValueError(
                     f"{where}.method: unknown quantization method {method!r}: "
-                    f"{did_you_mean(str(method), _registry().names())}"
+                    f"{did_you_mean(str(method), QUANTIZERS.names())}"
                 )
             if method != base.method:
                 options = {}  # options belong to a method; a new method starts from its own defaults
@@ -196,7 +200,7 @@ class QuantizerRecipe:
     @property
     def quantizer_class(self) -> type:
         """The registered class of :attr:`method` (``ValueError`` with close names if unknown)."""
-        return _registry().get(self.method)
+        return QUANTIZERS.get(self.method)
 
     def validate(self, role: str, where: str | None = None) -> QuantizerOptions:
         """Check the recipe for ``role`` against its method's contract; return the parsed options.
@@ -206,7 +210,7 @@ class QuantizerRecipe:
         """
         where = where or self.method
         try:
-            cls = _registry().get(self.method)
+            cls = QUANTIZERS.get(self.method)
         except ValueError as exc:
             raise ValueError(f"{where}.method: {exc}") from None
         name = self.method

@@ -1,0 +1,66 @@
+"""Per-architecture tables: the heads of each meta-architecture and the convs of each FPN-like neck.
+
+``HEADS`` (``SCOPE: backbone``): the published recipes compare "Quantize-All" (everything) with
+"Quantize-Backbone" (backbone and FPN quantized, detection heads in float);
+``MODEL.QUANTIZATION.SCOPE: "backbone"`` turns into one skip rule per head prefix of the model's
+meta-architecture.
+
+``NECKS`` (``FPN_ACTIVATION``): FPN-like necks other than detectron2's ``FPN`` (whose convs are known here),
+by class name, each with a function that returns the convs whose outputs ``FPN_ACTIVATION`` rectifies.
+
+Both are :class:`~model_quantization.registry.Registry` tables holding detectron2's entries and those of
+:mod:`model_quantization.adelaidet` (data this module reads; nothing imports back). Contract:
+``HEADS.add(name, prefixes)`` maps a meta-architecture class name to the qualified names of its head
+submodules (a prefix that the built model lacks is ignored, e.g. an optional mask head);
+``NECKS.add(class_name, fn)`` with ``fn(neck) -> list of nn.Conv2d``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from .. import adelaidet
+from ..registry import Registry
+from ..spec import Rule
+from .config import SCOPES
+
+__all__ = ["HEADS", "NECKS", "SCOPES", "fpn_convs", "head_skip_rules"]
+
+HEADS: Registry[tuple[str, ...]] = Registry("meta-architecture")
+HEADS.add("RetinaNet", ("head",))
+HEADS.add("GeneralizedRCNN", ("proposal_generator", "roi_heads"))
+HEADS.add("ProposalNetwork", ("proposal_generator",))
+for _arch, _prefixes in adelaidet.HEAD_PREFIXES.items():
+    HEADS.add(_arch, _prefixes)
+
+NECKS: Registry[Callable[[nn.Module], list[nn.Module]]] = Registry("FPN-like neck")
+for _name, _convs in adelaidet.NECK_CONVS.items():
+    NECKS.add(_name, _convs)
+
+
+def fpn_convs(fpn: nn.Module) -> list[nn.Module]:
+    """detectron2 ``FPN``: lateral and output convs, and the convs of its top block (P6/P7)."""
+    convs = [*fpn.lateral_convs, *fpn.output_convs]
+    # Extra levels (RetinaNet's P6/P7, FCOS's P6/P7): their outputs feed the heads too.
+    if fpn.top_block is not None:
+        convs += [c for c in fpn.top_block.modules() if isinstance(c, nn.Conv2d)]
+    return convs
+
+
+def head_skip_rules(model: nn.Module, scope: str) -> tuple[Rule, ...]:
+    """Skip rules that keep the heads of ``model`` in float for ``scope == "backbone"`` (none for "all")."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if scope == "all":
+        return ()
+    arch = type(model).__name__
+    if arch not in HEADS:
+        raise ValueError(
+            f"MODEL.QUANTIZATION.SCOPE: backbone: the heads of {arch} are not known; register them with "
+            f"model_quantization.detectron2.architectures.HEADS.add({arch!r}, (...)) "
+            f"(known: {', '.join(HEADS.names())})"
+        )
+    children = {name for name, _ in model.named_children()}
+    return tuple(Rule(pattern=prefix, skip=True) for prefix in HEADS.get(arch) if prefix in children)
