@@ -16,9 +16,13 @@ from model_quantization.quantizers.base import (
     IntegerGrid,
     Quantizer,
 )
+from model_quantization.quantizers.estimators import mse_step, percentile_step
 from model_quantization.quantizers.recipe import DataDrivenOptions, QuantizerRecipe
+from model_quantization.registry import did_you_mean
 
-__all__ = ["LSQOptions", "LSQQuantizer", "integer_grid"]
+__all__ = ["INIT_METHODS", "LSQOptions", "LSQQuantizer", "integer_grid"]
+
+INIT_METHODS = ("mean_abs", "mse", "percentile")
 
 
 def integer_grid(bits: int, signed: bool) -> tuple[int, int, bool]:
@@ -58,16 +62,29 @@ class LSQOptions(DataDrivenOptions):
             into the initial step.
         learnable_offset: LSQ+ (Bhalgat et al., 2020) learnable offset ``b``:
             ``q = clamp(round((x - b) / s), -Qn, Qp) * s + b``, for signed activations. Initialised to 0.
+        init_method: how a batch estimates the initial step: ``"mean_abs"`` (the paper's
+            ``2 mean|x| / sqrt(Qp)``), ``"mse"`` (the step with the least mean squared quantization error,
+            :func:`~model_quantization.quantizers.estimators.mse_step`) or ``"percentile"`` (the
+            ``init_percentile``-th percentile of ``|x|`` at the top of the grid).
+        init_percentile: the percentile of ``init_method: percentile``, in (50, 100].
     """
 
     grad_scale: bool = True
     init_value: float | None = None
     learnable_offset: bool = False
+    init_method: str = "mean_abs"
+    init_percentile: float = 99.99
 
     def check(self, recipe: QuantizerRecipe, role: str) -> None:
         super().check(recipe, role)
         if self.init_value is not None and not self.init_value > 0:
             raise ValueError(f"init_value: must be > 0, got {self.init_value!r}")
+        if self.init_method not in INIT_METHODS:
+            raise ValueError(
+                f"init_method: unknown method {self.init_method!r}: {did_you_mean(self.init_method, INIT_METHODS)}"
+            )
+        if not 50.0 < self.init_percentile <= 100.0:
+            raise ValueError(f"init_percentile: must be in (50, 100], got {self.init_percentile!r}")
         if self.learnable_offset and not (recipe.signed and role == "activation"):
             raise ValueError("learnable_offset: LSQ+ applies to signed activations only")
 
@@ -106,9 +123,17 @@ class LSQQuantizer(Quantizer):
         return 1.0 / math.sqrt(max(n, 1) * self.qp)
 
     def _initial_values(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        mean_abs = self._mean_abs(x)
+        method = self.options.init_method
+        if self.sign_grid:  # {-s, +s}: mean|x| is the least-squares scale whatever the method
+            step = self._mean_abs(x)
+        elif method == "mse":
+            step = mse_step(x, self.qn, self.qp, self._per_channel_axis(x))
+        elif method == "percentile":
+            step = percentile_step(x, self.qp, self.options.init_percentile, self._per_channel_axis(x))
+        else:
+            step = 2.0 * self._mean_abs(x) / math.sqrt(self.qp)
         # A dead input (all zeros) must not produce a zero step (division by zero downstream).
-        return {"step": (2.0 * mean_abs / math.sqrt(self.qp)).clamp_min(MIN_STEP)}
+        return {"step": step.clamp_min(MIN_STEP)}
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         # Under autocast or in a half-precision model the input may not be float32: quantize in its dtype.
