@@ -18,6 +18,17 @@ The schema mirrors the core spec in detectron2's upper-case style::
         BACKBONE_WEIGHTS: ""           # double-init: a quantized backbone checkpoint loaded over MODEL.WEIGHTS
         GENERATED_WEIGHTS: True        # quantize call-time weights too (CondInst's dynamic mask head)
         SCOPE: "all"                   # "backbone": heads of the meta-architecture stay float
+        REINIT_QUANTIZERS: False       # drop quantizer state of MODEL.WEIGHTS, initialise it from data again
+                                       #   (progressive bit widths: a 2-bit run from a 4-bit checkpoint)
+        FREEZE_BN_AFTER: 0.0           # fraction of SOLVER.MAX_ITER after which BN statistics stop updating
+                                       #   (a schedule option: applies with quantization off too)
+        DISTILLATION:                  # knowledge distillation from the float teacher (RetinaNet, FCOS)
+          ENABLED: False
+          TEACHER_WEIGHTS: ""          # the float teacher's checkpoint ("": MODEL.WEIGHTS)
+          LOGITS_WEIGHT: 1.0           # KD on the classification logits (sigmoid, per anchor and class)
+          BOX_WEIGHT: 1.0              # KD on the box regression (and FCOS centerness), where the teacher sees objects
+          FEATURE_WEIGHT: 0.0          # FPN feature imitation (mean squared error per level)
+          TEMPERATURE: 1.0             # softens the teacher's and student's logits
 
 ``BITS`` is an integer 1..8, or 0 for "off" (full precision; yacs keeps one type per key). ``OPTIONS``
 holds the method's options (e.g. ``{GRAD_SCALE: False, INIT_BATCHES: 4}`` for LSQ), type-checked.
@@ -44,6 +55,7 @@ from ..spec import QuantSpec
 __all__ = [
     "FPN_ACTIVATIONS",
     "SCOPES",
+    "DistillationConfig",
     "QuantizationConfig",
     "add_quantization_config",
     "config_key_names",
@@ -82,6 +94,16 @@ def add_quantization_config(cfg) -> None:
     q.BACKBONE_WEIGHTS = ""
     q.GENERATED_WEIGHTS = True
     q.SCOPE = "all"
+    q.REINIT_QUANTIZERS = False
+    q.FREEZE_BN_AFTER = 0.0
+    kd = node_type()
+    kd.ENABLED = False
+    kd.TEACHER_WEIGHTS = ""
+    kd.LOGITS_WEIGHT = 1.0
+    kd.BOX_WEIGHT = 1.0
+    kd.FEATURE_WEIGHT = 0.0
+    kd.TEMPERATURE = 1.0
+    q.DISTILLATION = kd
     cfg.MODEL.QUANTIZATION = q
 
 
@@ -97,6 +119,9 @@ class QuantizationConfig:
         generated_weights: quantize call-time weights (CondInst's mask head).
         backbone_weights: a quantized backbone checkpoint loaded over ``MODEL.WEIGHTS`` (double init).
         lr_factor, weight_decay: optimizer settings of quantizer parameters.
+        reinit_quantizers: drop the quantizer state of loaded checkpoints (initialise it from data again).
+        freeze_bn_after: fraction of the schedule after which BN statistics are frozen (0: never).
+        distillation: knowledge distillation settings, or None when off.
     """
 
     enabled: bool
@@ -107,6 +132,20 @@ class QuantizationConfig:
     backbone_weights: str = ""
     lr_factor: float = 1.0
     weight_decay: float = 0.0
+    reinit_quantizers: bool = False
+    freeze_bn_after: float = 0.0
+    distillation: DistillationConfig | None = None
+
+
+@dataclass(frozen=True)
+class DistillationConfig:
+    """``MODEL.QUANTIZATION.DISTILLATION``: the float teacher and the weights of the KD losses."""
+
+    teacher_weights: str
+    logits_weight: float = 1.0
+    box_weight: float = 1.0
+    feature_weight: float = 0.0
+    temperature: float = 1.0
 
 
 def _check_keys(data: Any, valid: tuple[str, ...], where: str) -> None:
@@ -211,6 +250,23 @@ def parse_quantization_config(cfg) -> QuantizationConfig:
             )
         if not Path(backbone_weights).is_file():
             raise ValueError(f"{PREFIX}.BACKBONE_WEIGHTS: no such file: {backbone_weights!r}")
+    reinit = _boolean(q.REINIT_QUANTIZERS, "REINIT_QUANTIZERS")
+    freeze_bn_after = _number(q.FREEZE_BN_AFTER, "FREEZE_BN_AFTER")
+    if freeze_bn_after > 1.0:
+        raise ValueError(
+            f"{PREFIX}.FREEZE_BN_AFTER: a fraction of SOLVER.MAX_ITER in [0, 1], got {freeze_bn_after!r}"
+        )
+    distillation = _parse_distillation(cfg)
+    if not enabled:
+        # FREEZE_BN_AFTER is a schedule option and applies to float fine-tunes too.
+        ignored = [
+            key for key, on in (("REINIT_QUANTIZERS", reinit), ("DISTILLATION.ENABLED", distillation)) if on
+        ]
+        if ignored:
+            raise ValueError(
+                f"{PREFIX}.{ignored[0]} is set but {PREFIX}.ENABLED is False: it only applies to "
+                f"quantization-aware training (clear it, or enable quantization)"
+            )
     return QuantizationConfig(
         enabled=enabled,
         spec=spec,
@@ -220,4 +276,29 @@ def parse_quantization_config(cfg) -> QuantizationConfig:
         backbone_weights=backbone_weights,
         lr_factor=_number(q.QUANTIZER_LR_FACTOR, "QUANTIZER_LR_FACTOR"),
         weight_decay=_number(q.QUANTIZER_WEIGHT_DECAY, "QUANTIZER_WEIGHT_DECAY"),
+        reinit_quantizers=reinit,
+        freeze_bn_after=freeze_bn_after,
+        distillation=distillation,
     )
+
+
+def _parse_distillation(cfg) -> DistillationConfig | None:
+    kd = cfg.MODEL.QUANTIZATION.DISTILLATION
+    if not _boolean(kd.ENABLED, "DISTILLATION.ENABLED"):
+        return None
+    teacher = kd.TEACHER_WEIGHTS or cfg.MODEL.WEIGHTS
+    if not teacher:
+        raise ValueError(
+            f"{PREFIX}.DISTILLATION: no teacher: set DISTILLATION.TEACHER_WEIGHTS (or MODEL.WEIGHTS) to the "
+            f"float model's checkpoint"
+        )
+    weights = {
+        key: _number(getattr(kd, key.upper()), f"DISTILLATION.{key.upper()}")
+        for key in ("logits_weight", "box_weight", "feature_weight")
+    }
+    if not any(weights.values()):
+        raise ValueError(f"{PREFIX}.DISTILLATION is enabled but every loss weight is 0")
+    temperature = _number(kd.TEMPERATURE, "DISTILLATION.TEMPERATURE")
+    if temperature <= 0:
+        raise ValueError(f"{PREFIX}.DISTILLATION.TEMPERATURE: must be > 0, got {temperature!r}")
+    return DistillationConfig(teacher_weights=teacher, temperature=temperature, **weights)
