@@ -9,7 +9,8 @@ whether or not quantization is on) and kept as ``model.quantization_config``; th
    other FPN-like necks, e.g. AdelaiDet's BiFPN, are in :data:`~.architectures.NECKS`);
 2. with ``MODEL.QUANTIZATION.ENABLED``, :func:`model_quantization.convert` with the config's spec, in place,
    and the conversion report in the log (also kept as ``model.quantization_report``);
-3. with ``BACKBONE_WEIGHTS``, the double-init hook (:mod:`.checkpoint`).
+3. with ``BACKBONE_WEIGHTS``, the double-init hook (:mod:`.checkpoint`);
+4. the training-time parts of the recipe (:mod:`.training`: distillation, BN freezing).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ..spec import QuantSpec, Rule
 from .architectures import NECKS, fpn_convs, head_skip_rules
 from .checkpoint import attach_backbone_weights, load_backbone_weights
 from .config import QuantizationConfig, config_key_names, parse_quantization_config
+from .training import attach_training_hooks
 
 __all__ = ["apply_architecture_options", "quantize"]
 
@@ -96,6 +98,7 @@ def quantize(model: nn.Module, cfg) -> nn.Module:
     relu_convs = apply_architecture_options(model, config)
     if relu_convs:
         logger.info("FPN_ACTIVATION=%s after %d FPN convs", config.fpn_activation, len(relu_convs))
+    attach_training_hooks(model, cfg, config)
     if not config.enabled:
         return model
     spec = config.spec
