@@ -47,7 +47,7 @@ def test(session: nox.Session) -> None:
 def demo(session: nox.Session) -> None:
     """The main job: float vs LSQ 4/3/2-bit RetinaNet + FCOS on shapes, table + plots (`-- --quick`, `-- --full`)."""
     python = _build(session)
-    session.run(python, "-m", "model_quantization.demo", *session.posargs, external=True)
+    session.run(python, "-m", "demo", *session.posargs, external=True)
 
 
 @nox.session

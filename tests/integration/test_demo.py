@@ -103,8 +103,8 @@ def test_rerun_reuses_cached_float_runs_unless_told_not_to(quick_demo):
 
 def test_config_hash_follows_the_config(patched_tree, tmp_path):
     import model_quantization.detectron2  # noqa: F401
-    from model_quantization.demo.plan import MODES, variants
-    from model_quantization.demo.run import build_cfg, config_hash
+    from demo.plan import MODES, variants
+    from demo.run import build_cfg, config_hash
 
     quick = MODES["quick"]
     float_variant = variants(quick, ["retinanet"])[0]
@@ -116,8 +116,8 @@ def test_config_hash_follows_the_config(patched_tree, tmp_path):
 
 def test_full_mode_uses_the_coco_recipes_and_says_what_is_missing(patched_tree, tmp_path):
     import model_quantization.detectron2  # noqa: F401
-    from model_quantization.demo.plan import MODES, variants
-    from model_quantization.demo.run import build_cfg
+    from demo.plan import MODES, variants
+    from demo.run import build_cfg
 
     full = MODES["full"]
     for variant in variants(full):
@@ -127,7 +127,7 @@ def test_full_mode_uses_the_coco_recipes_and_says_what_is_missing(patched_tree, 
         assert variant.quantized == cfg.MODEL.QUANTIZATION.ENABLED, variant
     env = {**os.environ, "DETECTRON2_DATASETS": str(tmp_path / "nowhere")}
     proc = subprocess.run(
-        [sys.executable, "-m", "model_quantization.demo", "--full", "--output-dir", str(tmp_path / "out")],
+        [sys.executable, "-m", "demo", "--full", "--output-dir", str(tmp_path / "out")],
         cwd=ROOT, capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert proc.returncode != 0
@@ -137,8 +137,8 @@ def test_full_mode_uses_the_coco_recipes_and_says_what_is_missing(patched_tree, 
 def test_default_mode_runs_the_configs_own_schedule(patched_tree, tmp_path):
     """`nox -s demo` and `train_net.py --config-file <the same config>` train the same schedule."""
     import model_quantization.detectron2  # noqa: F401
-    from model_quantization.demo.plan import MODES, ROOT, Mode, variants
-    from model_quantization.demo.run import build_cfg
+    from demo.plan import MODES, ROOT, Mode, variants
+    from demo.run import build_cfg
 
     default = MODES["default"]
     as_configured = Mode("configured", "shapes", None, None, None, None)
@@ -154,7 +154,7 @@ def test_default_mode_runs_the_configs_own_schedule(patched_tree, tmp_path):
 
 def test_unknown_model_is_a_usage_error_naming_the_choices(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "model_quantization.demo", "--quick", "--models", "retinanet,yolo",
+        [sys.executable, "-m", "demo", "--quick", "--models", "retinanet,yolo",
          "--output-dir", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from demo.report import markdown_table, plot_ap_vs_bits, plot_loss_curves, write_table
+from demo.run import PhaseResult
 from model_quantization import QuantSpec, convert
-from model_quantization.demo.report import markdown_table, plot_ap_vs_bits, plot_loss_curves, write_table
-from model_quantization.demo.run import PhaseResult
 from model_quantization.footprint import parameter_bits, parameter_megabytes
 
 

@@ -12,12 +12,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..footprint import parameter_megabytes
+from model_quantization.footprint import parameter_megabytes
+
 from .plan import ROOT, Mode, Variant
 
 __all__ = ["CACHE_VERSION", "PhaseResult", "build_cfg", "config_hash", "run_variant"]
 
-logger = logging.getLogger("model_quantization.demo")
+logger = logging.getLogger("demo")
 
 #: Bump when the way a float run is produced changes in a way its config does not show.
 CACHE_VERSION = 1

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..footprint import FLOAT_BITS
+from model_quantization.footprint import FLOAT_BITS
+
 from .run import PhaseResult
 
 __all__ = ["markdown_table", "plot_ap_vs_bits", "plot_loss_curves", "read_loss_curve", "write_table"]

@@ -1,4 +1,4 @@
-"""``python -m model_quantization.demo`` (what ``nox -s demo`` runs): float vs LSQ 4/3/2-bit detectors.
+"""``python -m demo`` (what ``nox -s demo`` runs): float vs LSQ 4/3/2-bit detectors.
 
 Trains a float RetinaNet R-18 and FCOS R-18 on the embedded shapes dataset, fine-tunes LSQ 4-, 3- and
 2-bit versions of each from the float weights, evaluates all with COCOEvaluator and writes, under the
@@ -18,7 +18,7 @@ from .plan import MODELS, MODES, ROOT, Mode, Variant, variants
 from .report import markdown_table, plot_ap_vs_bits, plot_loss_curves, write_table
 from .run import PhaseResult, build_cfg, run_variant
 
-logger = logging.getLogger("model_quantization.demo")
+logger = logging.getLogger("demo")
 
 #: Seconds per iteration assumed before a phase of the kind has been measured (2 CPU cores, 128 px):
 #: float training, and QAT relative to float.
@@ -78,7 +78,7 @@ def _setup_logging(output_dir: Path) -> None:
         setup_logger(output=str(log_file), name=name, abbrev_name=name, configure_stdout=False)
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(logging.Formatter("[%(asctime)s %(name)s] %(message)s", "%H:%M:%S"))
-    for name in ("model_quantization.demo", "detectron2.utils.events"):
+    for name in ("demo", "detectron2.utils.events"):
         logging.getLogger(name).addHandler(console)
 
 

@@ -12,9 +12,9 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..footprint import FLOAT_BITS
+from model_quantization.footprint import FLOAT_BITS
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
 __all__ = ["MODELS", "MODES", "Mode", "ModelPlan", "Variant", "variants"]
