@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from model_quantization.distributed import all_reduce_mean
+from model_quantization.distributed import all_reduce_max, all_reduce_mean
 from model_quantization.quantizers.recipe import (
     GRANULARITIES,
     MAX_BITS,
@@ -294,15 +294,64 @@ class Quantizer(nn.Module):
         """
         if not self.data_driven:
             return
+        x = x.detach()
+        self.refuse_non_finite_input(x)
         seen = int(self.init_batches_seen)
-        for name, estimate in self._initial_values(x.detach()).items():
-            estimate = all_reduce_mean(estimate.to(torch.float32).clone())
+        estimates = {}
+        for name, estimate in self._initial_values(x).items():
+            estimates[name] = all_reduce_mean(estimate.to(torch.float32).clone())
+        self.refuse_non_finite_estimates(estimates, x)
+        for name, estimate in estimates.items():
             target = getattr(self, name)
             estimate = estimate.to(target.dtype).reshape(target.shape)
             target.data.copy_(estimate if seen == 0 else target.data + (estimate - target.data) / (seen + 1))
         self.init_batches_seen.fill_(seen + 1)
         if seen + 1 >= self.init_batches:
             self.initialized.fill_(True)
+
+    def refuse_non_finite_input(self, x: torch.Tensor) -> None:
+        """``ValueError`` naming this quantizer if the batch that would initialise it holds NaN or Inf.
+
+        Collective under DDP (a flag is max-reduced), so every rank refuses together instead of one rank
+        raising while the others wait in the next all-reduce. Runs on initialisation batches only.
+        """
+        bad = all_reduce_max((~torch.isfinite(x)).any().to(torch.float32).reshape(1))
+        if not bool(bad):
+            return
+        nan, inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
+        found = f"{nan} nan and {inf} inf of {x.numel()} values" if nan or inf else "nan/inf on another rank"
+        raise ValueError(
+            f"{self.method} quantizer{self._where()}: the batch that would initialise it holds non-finite "
+            f"values ({found}); its state was not set. Find where they come from (the data, a diverged "
+            f"layer upstream, loss scaling); a finite batch initialises it"
+        )
+
+    def refuse_non_finite_estimates(self, estimates: dict[str, torch.Tensor], x: torch.Tensor) -> None:
+        """``ValueError`` naming this quantizer if a data-driven estimate of a finite batch is not finite
+        (float32 overflow, e.g. inputs near 3e38); nothing is stored."""
+        for name, value in estimates.items():
+            if not bool(torch.isfinite(value).all()):
+                peak = float(x.abs().max()) if x.numel() else 0.0
+                raise ValueError(
+                    f"{self.method} quantizer{self._where()}: its initial {name} overflows float32 "
+                    f"(non-finite estimate from inputs up to |x| = {peak:.3g}); its state was not set. "
+                    f"Scale the input down, or keep this module in float"
+                )
+
+    def _load_non_finite(self, state_dict, prefix: str) -> str | None:
+        """The first non-finite floating entry of this quantizer's own state in ``state_dict``, or None."""
+        own = [name for name, _ in self.named_parameters(recurse=False)]
+        own += [name for name, _ in self.named_buffers(recurse=False)]
+        for name in own:
+            value = state_dict.get(prefix + name)
+            if (
+                isinstance(value, torch.Tensor)
+                and value.is_floating_point()
+                and not bool(torch.isfinite(value).all())
+            ):
+                flat = value.flatten()
+                return f"{prefix}{name} = {flat[~torch.isfinite(flat)][0].item()}"
+        return None
 
     def reset_initialization(self) -> None:
         """Forget data-driven state so that the next batches initialise it again."""
@@ -351,6 +400,15 @@ class Quantizer(nn.Module):
         own += [prefix + name for name, _ in self.named_buffers(recurse=False)]
         if own and not any(key in state_dict for key in own):
             # A float checkpoint (no quantizer state at all): keep the current state, initialise from data.
+            return
+        bad = self._load_non_finite(state_dict, prefix)
+        if bad is not None:
+            # Never store it: a poisoned state would make every later output non-finite.
+            errors.append(
+                f"{self.method} quantizer {prefix[:-1]!r}{self._where()}: the checkpoint holds non-finite "
+                f"quantizer state ({bad}); it was saved after a bad initialisation or a diverged run. Load an "
+                f"earlier checkpoint, or drop this quantizer's state so that it initialises from data"
+            )
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
         self._known_initialized = False  # re-read the loaded flag on next use

@@ -84,8 +84,11 @@ class ObserverQuantizer(Quantizer):
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
         """Update the stored range with one batch."""
+        x = x.detach()
+        self.refuse_non_finite_input(x)
         low, high = self.batch_range(x)
         low, high = low.reshape(self.min_val.shape), high.reshape(self.max_val.shape)
+        self.refuse_non_finite_estimates({"min_val": low, "max_val": high}, x)
         if int(self.init_batches_seen) == 0:
             self.min_val.copy_(low)
             self.max_val.copy_(high)
