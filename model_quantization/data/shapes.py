@@ -22,6 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CLASS_NAMES = ("circle", "square", "triangle", "star")
+#: Every shape the generator can draw; a spec picks four (or any number) of them as its classes.
+SHAPES = (*CLASS_NAMES, "pentagon", "cross", "ellipse", "diamond")
+BACKGROUNDS = ("gradient", "stripes", "checker")
+PALETTES = ("any", "pastel", "dark")
 DEFAULT_CACHE = Path(os.environ.get("MQ_DATA_CACHE", Path.home() / ".cache" / "model_quantization"))
 #: Bump when the generator's output changes, so stale caches are never reused.
 GENERATOR_VERSION = 1
@@ -39,6 +43,14 @@ class ShapesSpec:
         min_size, max_size: shape diameter range as a fraction of ``image_size``.
         min_visible: a shape is never occluded below this fraction of its area (placements that would
             are re-drawn).
+        classes: the shapes drawn, in category order (see :data:`SHAPES`).
+        background: ``gradient`` (smooth colour ramp), ``stripes`` (random-angle bands of two colours) or
+            ``checker`` (a random-size colour checkerboard), each with pixel noise.
+        palette: object colours: ``any`` (uniform RGB), ``pastel`` (light) or ``dark``.
+
+    The default generator configuration (the ``shapes_*`` splits) and the held-out one
+    (``shapes_heldout_*``: other classes, sizes, counts, colours and backgrounds, never tuned on) differ
+    only in these fields.
     """
 
     num_images: int
@@ -49,6 +61,9 @@ class ShapesSpec:
     min_size: float = 0.12
     max_size: float = 0.45
     min_visible: float = 0.5
+    classes: tuple[str, ...] = CLASS_NAMES
+    background: str = "gradient"
+    palette: str = "any"
 
     def __post_init__(self) -> None:
         checks = {
@@ -57,13 +72,21 @@ class ShapesSpec:
             "min_objects": 1 <= self.min_objects <= self.max_objects,
             "min_size": 0 < self.min_size <= self.max_size < 1,
             "min_visible": 0 < self.min_visible <= 1,
+            "classes": len(self.classes) >= 1 and set(self.classes) <= set(SHAPES),
+            "background": self.background in BACKGROUNDS,
+            "palette": self.palette in PALETTES,
         }
         for key, ok in checks.items():
             if not ok:
                 raise ValueError(f"ShapesSpec.{key}={getattr(self, key)!r} is out of range ({self})")
 
     def digest(self) -> str:
-        payload = json.dumps({"version": GENERATOR_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        fields = dataclasses.asdict(self)
+        # Fields added later count only when they differ from the default: existing caches stay valid.
+        for name in ("classes", "background", "palette"):
+            if fields[name] == getattr(ShapesSpec, name):
+                fields.pop(name)
+        payload = json.dumps({"version": GENERATOR_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -82,22 +105,60 @@ def _shape_polygon(kind: str, cx: float, cy: float, radius: float, angle: float)
     elif kind == "star":
         t = np.linspace(0, 2 * np.pi, 10, endpoint=False) + angle
         radii = np.where(np.arange(10) % 2 == 0, radius, radius * 0.45)
+    elif kind == "pentagon":
+        t = np.linspace(0, 2 * np.pi, 5, endpoint=False) + angle
+        radii = np.full_like(t, radius)
+    elif kind == "diamond":
+        t = np.linspace(0, 2 * np.pi, 4, endpoint=False) + angle
+        radii = np.where(np.arange(4) % 2 == 0, radius, radius * 0.55)
+    elif kind == "ellipse":
+        t = np.linspace(0, 2 * np.pi, 32, endpoint=False)
+        x, y = radius * np.cos(t), radius * 0.5 * np.sin(t)
+        c, s = np.cos(angle), np.sin(angle)
+        return np.stack([cx + c * x - s * y, cy + s * x + c * y], axis=1)
+    elif kind == "cross":
+        arm = 0.35
+        corners = [(1, arm), (arm, arm), (arm, 1), (-arm, 1), (-arm, arm), (-1, arm),
+                   (-1, -arm), (-arm, -arm), (-arm, -1), (arm, -1), (arm, -arm), (1, -arm)]  # fmt: skip
+        x, y = np.array(corners, dtype=float).T * radius * 0.8
+        c, s = np.cos(angle), np.sin(angle)
+        return np.stack([cx + c * x - s * y, cy + s * x + c * y], axis=1)
     else:
-        raise ValueError(f"unknown shape {kind!r}; known: {CLASS_NAMES}")
+        raise ValueError(f"unknown shape {kind!r}; known: {SHAPES}")
     return np.stack([cx + radii * np.cos(t), cy + radii * np.sin(t)], axis=1)
 
 
-def _background(rng, size: int):
-    """Smooth random color gradient plus noise: shapes must be found by shape and contrast, not by color."""
+def _background(rng, size: int, kind: str = "gradient"):
+    """A textured background plus noise: shapes must be found by shape and contrast, not by color."""
     import numpy as np
 
-    corners = rng.uniform(30, 225, size=(2, 2, 3))
-    ramp = np.linspace(0.0, 1.0, size)
-    wy, wx = ramp[:, None, None], ramp[None, :, None]
-    top = corners[0, 0] * (1 - wx) + corners[0, 1] * wx
-    bottom = corners[1, 0] * (1 - wx) + corners[1, 1] * wx
-    image = top * (1 - wy) + bottom * wy + rng.normal(0, 12, size=(size, size, 3))
-    return image
+    if kind == "gradient":  # smooth random color ramp between four corners
+        corners = rng.uniform(30, 225, size=(2, 2, 3))
+        ramp = np.linspace(0.0, 1.0, size)
+        wy, wx = ramp[:, None, None], ramp[None, :, None]
+        top = corners[0, 0] * (1 - wx) + corners[0, 1] * wx
+        bottom = corners[1, 0] * (1 - wx) + corners[1, 1] * wx
+        image = top * (1 - wy) + bottom * wy
+    else:
+        colors = rng.uniform(30, 225, size=(2, 3))
+        yy, xx = np.mgrid[0:size, 0:size].astype(float)
+        if kind == "stripes":  # bands of two colours at a random angle and width
+            angle, width = rng.uniform(0, np.pi), rng.uniform(4, 16)
+            band = np.floor((xx * np.cos(angle) + yy * np.sin(angle)) / width).astype(int) % 2
+        else:  # checker: a colour checkerboard of random cell size
+            cell = rng.uniform(6, 20)
+            band = (np.floor(xx / cell) + np.floor(yy / cell)).astype(int) % 2
+        image = colors[band]
+    return image + rng.normal(0, 12, size=(size, size, 3))
+
+
+def _color(rng, palette: str):
+    """An object colour from the palette."""
+    if palette == "pastel":
+        return rng.uniform(150, 255, size=3)
+    if palette == "dark":
+        return rng.uniform(0, 110, size=3)
+    return rng.uniform(0, 255, size=3)
 
 
 def _visibility_ok(masks: list, min_visible: float) -> bool:
@@ -119,16 +180,16 @@ def render_image(spec: ShapesSpec, index: int):
 
     rng = np.random.default_rng([spec.seed, index])
     size = spec.image_size
-    image = _background(rng, size)
+    image = _background(rng, size, spec.background)
     drawn: list[tuple[int, np.ndarray]] = []  # (class index, full mask), bottom first
     for _ in range(int(rng.integers(spec.min_objects, spec.max_objects + 1))):
         # Rejection sampling: a new shape may overlap others but never hide more than `1 - min_visible` of
         # any of them, so every shape in the image is annotated (no unlabeled, mostly hidden objects).
         for _attempt in range(20):
-            kind = int(rng.integers(len(CLASS_NAMES)))
+            kind = int(rng.integers(len(spec.classes)))
             radius = rng.uniform(spec.min_size, spec.max_size) * size / 2
             cx, cy = rng.uniform(radius * 0.6, size - radius * 0.6, size=2)
-            polygon = _shape_polygon(CLASS_NAMES[kind], cx, cy, radius, rng.uniform(0, 2 * np.pi))
+            polygon = _shape_polygon(spec.classes[kind], cx, cy, radius, rng.uniform(0, 2 * np.pi))
             mask = np.zeros((size, size), np.uint8)
             cv2.fillPoly(mask, [np.round(polygon * 16).astype(np.int32)], 1, lineType=cv2.LINE_8, shift=4)
             mask = mask.astype(bool)
@@ -137,7 +198,7 @@ def render_image(spec: ShapesSpec, index: int):
         else:
             continue
         drawn.append((kind, mask))
-        color = rng.uniform(0, 255, size=3)
+        color = _color(rng, spec.palette)
         shade = 1.0 - 0.25 * rng.uniform(size=(size, size, 1))  # mild texture inside the shape
         image = np.where(mask[..., None], color * shade, image)
 
@@ -180,7 +241,7 @@ def generate(spec: ShapesSpec, directory: Path) -> Path:
     coco = {
         "info": {"description": "model_quantization synthetic shapes", "spec": dataclasses.asdict(spec)},
         "categories": [
-            {"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASS_NAMES)
+            {"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(spec.classes)
         ],
         "images": [],
         "annotations": [],

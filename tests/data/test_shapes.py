@@ -99,3 +99,25 @@ def test_concurrent_writers_end_with_one_complete_copy(tmp_path: Path) -> None:
     assert len(set(results)) == 1
     entries = sorted(p.name for p in (tmp_path / "shapes").iterdir())
     assert entries == [ShapesSpec(num_images=10, seed=7).digest()], "no leftovers from losing writers"
+
+
+def test_the_heldout_configuration_draws_other_classes_colours_and_backgrounds(tmp_path: Path) -> None:
+    from pycocotools.coco import COCO
+
+    from model_quantization.data.shapes import SHAPES
+
+    default = ShapesSpec(num_images=4, seed=21)
+    heldout = ShapesSpec(
+        num_images=4, seed=21, classes=("pentagon", "cross", "ellipse", "diamond"), background="stripes",
+        palette="pastel", max_objects=8,
+    )  # fmt: skip
+    assert default.digest() != heldout.digest()
+    annotation_file, image_root = materialize(heldout, tmp_path)
+    coco = COCO(str(annotation_file))
+    assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == list(heldout.classes)
+    assert {coco.loadCats(a["category_id"])[0]["name"] for a in coco.loadAnns(coco.getAnnIds())} <= set(
+        SHAPES
+    )
+    for name in ("classes", "background", "palette"):
+        with pytest.raises(ValueError, match=name):
+            ShapesSpec(num_images=1, seed=0, **{name: ("hexagon",) if name == "classes" else "plaid"})
