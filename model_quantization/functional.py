@@ -24,6 +24,7 @@ import torch
 from model_quantization.kernels import cpu as cpu_kernels
 
 __all__ = [
+    "MIN_STEP",
     "backend",
     "bireal_sign",
     "clip_fake_quant",
@@ -43,6 +44,22 @@ __all__ = [
 
 _BACKENDS = ("auto", "eager")
 _backend = "auto"
+
+#: Smallest step any quantizer uses: a dead (all-zero) input or an overshooting SGD update must never give a
+#: zero or negative step (a division by zero, or a grid with flipped signs).
+MIN_STEP = torch.finfo(torch.float32).tiny * 1e3
+_HALF_TYPES = (torch.float16,)
+
+
+def _positive(step: torch.Tensor) -> torch.Tensor:
+    """``step`` clamped to at least :data:`MIN_STEP` (float16's smallest normal number in float16).
+
+    Called inside the autograd functions' forward, so it adds no autograd node: values above the minimum
+    are unchanged bit for bit, and the backward returns the gradient at the clamped value to the raw
+    parameter (straight through), so a step that SGD pushed below zero can still grow back.
+    """
+    floor = torch.finfo(step.dtype).tiny if step.dtype in _HALF_TYPES else MIN_STEP
+    return step.clamp_min(floor)
 
 
 def set_backend(name: str) -> None:
@@ -222,6 +239,7 @@ class _LSQFakeQuant(torch.autograd.Function):
             grad_scale,
             channel_axis,
         )
+        step = _positive(step)
         ctx.save_for_backward(x, step, offset)
         lib = _kernel_library(x, step, offset)
         if lib is not None:
@@ -341,6 +359,7 @@ def lsq_fake_quant_reference(
 class _ClipFakeQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, alpha, levels):
+        alpha = _positive(alpha)
         ctx.save_for_backward(x, alpha)
         step = alpha / levels
         lib = _kernel_library(x, alpha)

@@ -18,11 +18,17 @@ every registered name):
   float checkpoint loaded into a converted model) leaves its state untouched, so data-driven
   initialisation still happens.
 * Data-driven initial values are averaged over DDP ranks (:mod:`model_quantization.distributed`).
+* Non-finite state is never stored: a batch with NaN/Inf (or whose estimate overflows float32) is refused
+  with a ``ValueError`` naming the module, and so is a checkpoint holding non-finite quantizer state. An
+  all-zero batch carries no scale: it is skipped (initialisation waits for data) with one warning. Steps
+  (and PACT's clip) are clamped to at least ``MIN_STEP`` inside the fake-quant functions, so a learned step
+  pushed below zero by SGD never flips or divides by zero.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -30,6 +36,7 @@ import torch
 from torch import nn
 
 from model_quantization.distributed import all_reduce_max, all_reduce_mean
+from model_quantization.functional import MIN_STEP
 from model_quantization.quantizers.recipe import (
     GRANULARITIES,
     MAX_BITS,
@@ -42,6 +49,7 @@ from model_quantization.quantizers.recipe import (
 __all__ = [
     "GRANULARITIES",
     "MAX_BITS",
+    "MIN_STEP",
     "QUANTIZERS",
     "ROLES",
     "GridUnavailable",
@@ -51,8 +59,7 @@ __all__ = [
 ]
 
 
-#: Smallest step any quantizer uses: a dead (all-zero) input must never give a zero step.
-MIN_STEP = torch.finfo(torch.float32).tiny * 1e3
+logger = logging.getLogger(__name__)
 
 
 class GridUnavailable(ValueError):
@@ -159,6 +166,9 @@ class Quantizer(nn.Module):
         # Per process, not state: the signedness check runs on the first batch this process sees.
         self._input_checked = False
         self._known_initialized = False
+        # Per process, for messages only: all-zero batches skipped so far, and whether that was warned.
+        self._deferred_batches = 0
+        self._warned_degenerate = False
         if self.enabled:
             if self.data_driven:
                 self.register_buffer("initialized", torch.tensor(False))
@@ -291,6 +301,11 @@ class Quantizer(nn.Module):
 
         With ``init_batches = n`` the values are the running mean of the per-batch estimates over the first
         n batches; afterwards ``initialized`` is set and the state is only changed by training.
+
+        A batch with NaN/Inf is refused (``ValueError``, nothing stored). A degenerate batch (all zeros: a
+        dead input carries no scale) is not counted: initialisation is deferred to the next batch that has
+        data, with one warning naming the quantizer. Per-channel state whose channels are only partly
+        dead starts those channels from the mean of the live ones, with a warning naming them.
         """
         if not self.data_driven:
             return
@@ -301,6 +316,12 @@ class Quantizer(nn.Module):
         for name, estimate in self._initial_values(x).items():
             estimates[name] = all_reduce_mean(estimate.to(torch.float32).clone())
         self.refuse_non_finite_estimates(estimates, x)
+        dead = self._degenerate(estimates)
+        if dead is not None and bool(dead.any()):
+            if bool(dead.all()):
+                self._defer(seen)
+                return
+            estimates = self._fill_dead_groups(estimates, dead)
         for name, estimate in estimates.items():
             target = getattr(self, name)
             estimate = estimate.to(target.dtype).reshape(target.shape)
@@ -308,6 +329,43 @@ class Quantizer(nn.Module):
         self.init_batches_seen.fill_(seen + 1)
         if seen + 1 >= self.init_batches:
             self.initialized.fill_(True)
+
+    def _degenerate(self, estimates: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Which groups (the tensor, or each channel) of a batch's estimates carry no scale (all-zero data).
+
+        A boolean tensor shaped like the per-group state (``()`` or ``(C,)``), or None when the method has
+        no notion of it. Decided on the all-reduced estimates, so every DDP rank decides alike.
+        """
+        return None
+
+    def _defer(self, seen: int) -> None:
+        """Skip a degenerate batch: nothing is stored or counted; warn once per quantizer."""
+        self._deferred_batches += 1
+        if not self._warned_degenerate:
+            self._warned_degenerate = True
+            logger.warning(
+                "%s quantizer%s: its input was all zeros (no scale to estimate); initialisation deferred to the "
+                "next batch with non-zero values (%d of %d initialisation batches done)",
+                self.method, self._where(), seen, self.init_batches,
+            )  # fmt: skip
+
+    def _fill_dead_groups(
+        self, estimates: dict[str, torch.Tensor], dead: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Estimates with the dead channels set to the mean of the live channels' estimates (warned once)."""
+        if not self._warned_degenerate:
+            self._warned_degenerate = True
+            channels = dead.reshape(-1).nonzero().flatten().tolist()
+            logger.warning(
+                "%s quantizer%s: channels %s were all zeros in its initialisation batch; they start from the "
+                "mean of the other channels' estimates",
+                self.method, self._where(), channels,
+            )  # fmt: skip
+        filled = {}
+        for name, value in estimates.items():
+            mask = dead.reshape(dead.shape + (1,) * (value.dim() - dead.dim()))
+            filled[name] = torch.where(mask, value[~dead.reshape(-1)].mean(dim=0), value)
+        return filled
 
     def refuse_non_finite_input(self, x: torch.Tensor) -> None:
         """``ValueError`` naming this quantizer if the batch that would initialise it holds NaN or Inf.

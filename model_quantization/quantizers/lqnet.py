@@ -139,6 +139,10 @@ class LQNetQuantizer(Quantizer):
                 self.basis.mul_(momentum).add_(fitted, alpha=1.0 - momentum)
         return F.straight_through(x, self._ungroup(quantized, x))
 
+    def _degenerate(self, estimates: dict[str, torch.Tensor]) -> torch.Tensor:
+        # All-zero groups keep the initial basis of mean|x| clamped to eps: entries of at most ~1.4 eps.
+        return estimates["basis"].abs().amax(dim=1) <= 2 * torch.finfo(torch.float32).eps
+
     def _initial_values(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         xg = self._groups(x).to(torch.float32)
         mean_abs = xg.abs().mean(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).eps)

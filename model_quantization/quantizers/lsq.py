@@ -135,6 +135,10 @@ class LSQQuantizer(Quantizer):
         # A dead input (all zeros) must not produce a zero step (division by zero downstream).
         return {"step": step.clamp_min(MIN_STEP)}
 
+    def _degenerate(self, estimates: dict[str, torch.Tensor]) -> torch.Tensor:
+        # Every estimator gives 0 for all-zero data, clamped to MIN_STEP above.
+        return estimates["step"] <= MIN_STEP
+
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         # Under autocast or in a half-precision model the input may not be float32: quantize in its dtype.
         return F.lsq_fake_quant(

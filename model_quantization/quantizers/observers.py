@@ -17,6 +17,7 @@ reduced over DDP ranks (min/max, or the mean for percentiles) so that every rank
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ __all__ = [
     "calibration",
 ]
 
+logger = logging.getLogger(__name__)
+
 
 class ObserverQuantizer(Quantizer):
     """Base class: range buffers ``min_val``/``max_val``, the grid, and fake quantization from the range.
@@ -59,12 +62,16 @@ class ObserverQuantizer(Quantizer):
         self.register_buffer("max_val", torch.zeros(self._state_shape()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.enabled and x.numel() and (self.observing or not self.is_initialized):
+        # Until a range is stored the base class initialises (observes); in calibration every batch counts.
+        if self.enabled and x.numel() and self.observing and self.is_initialized:
             if not self._input_checked:
                 self.check_input(x)
                 self._input_checked = True
             self.observe(x)
         return super().forward(x)
+
+    def initialize(self, x: torch.Tensor) -> None:
+        self.observe(x)
 
     def _grouped(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` as (groups, elements): one group per tensor or per channel."""
@@ -89,7 +96,19 @@ class ObserverQuantizer(Quantizer):
         low, high = self.batch_range(x)
         low, high = low.reshape(self.min_val.shape), high.reshape(self.max_val.shape)
         self.refuse_non_finite_estimates({"min_val": low, "max_val": high}, x)
-        if int(self.init_batches_seen) == 0:
+        seen = int(self.init_batches_seen)
+        if seen == 0:
+            dead = (low == 0) & (high == 0)
+            if bool(dead.all()):  # an all-zero first batch: no range yet, wait for data
+                self._defer(seen)
+                return
+            if bool(dead.any()) and not self._warned_degenerate:
+                self._warned_degenerate = True
+                logger.warning(
+                    "%s quantizer%s: channels %s were all zeros in its first batch; their range is [0, 0]",
+                    self.method, self._where(), dead.reshape(-1).nonzero().flatten().tolist(),
+                )  # fmt: skip
+        if seen == 0:
             self.min_val.copy_(low)
             self.max_val.copy_(high)
         else:

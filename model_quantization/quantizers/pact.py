@@ -57,6 +57,9 @@ class PACTQuantizer(Quantizer):
     def _initial_values(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"alpha": x.max().clamp_min(torch.finfo(torch.float32).eps)}
 
+    def _degenerate(self, estimates: dict[str, torch.Tensor]) -> torch.Tensor:
+        return estimates["alpha"] <= torch.finfo(torch.float32).eps  # no positive value: all zeros
+
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         return F.pact_fake_quant(x, self.alpha.to(x.dtype), self.levels)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -104,3 +105,81 @@ def test_a_checkpoint_with_non_finite_quantizer_state_is_refused_naming_the_modu
         fresh.load_state_dict(state)
     assert not fresh[0].input_quantizer.is_initialized
     assert bool(torch.isfinite(fresh[0].input_quantizer.step).all())
+
+
+# ----------------------------------------------------------------------------------- item 2: dead batches
+
+
+def _fed(method: str, options: dict, *batches: torch.Tensor):
+    q = _quantizer(method, options)
+    for x in batches:
+        q(x)
+    return q
+
+
+@pytest.mark.parametrize("method, options", DATA_DRIVEN, ids=IDS)
+def test_an_all_zero_first_batch_defers_initialisation_to_the_next_batch_and_warns_by_name(
+    seed, caplog, method, options
+):
+    data = torch.rand(4, 3, 8, 8) + 0.1
+    with caplog.at_level(logging.WARNING, logger="model_quantization"):
+        q = _fed(method, options, torch.zeros(4, 3, 8, 8), torch.zeros(4, 3, 8, 8))
+    assert not q.is_initialized
+    warnings = [r.getMessage() for r in caplog.records if "head.conv3 (input)" in r.getMessage()]
+    assert len(warnings) == 1, "one warning per quantizer, not one per batch"
+    assert "all zeros" in warnings[0] and "deferred" in warnings[0]
+    q(data)
+    assert q.is_initialized
+    # Exactly the state a quantizer that never saw the dead batches gets from the same data.
+    reference = _fed(method, options, data)
+    for key, value in reference.state_dict().items():
+        assert torch.equal(q.state_dict()[key], value), key
+
+
+def test_a_dead_batch_between_init_batches_is_not_averaged_in(seed):
+    batches = [torch.rand(2, 4, 6, 6) * (i + 1) for i in range(3)]
+    q = make_quantizer("lsq", 3, False, init_batches=3)
+    for x in (batches[0], torch.zeros(2, 4, 6, 6), batches[1], batches[2]):
+        q(x)
+    estimates = [2 * b.abs().mean() / math.sqrt(7) for b in batches]
+    assert q.is_initialized
+    torch.testing.assert_close(q.step.detach(), torch.stack(estimates).mean())
+
+
+def test_a_dead_first_batch_no_longer_leaves_a_dead_quantizer(seed):
+    model = _tiny_model()
+    model(torch.zeros(2, 3, 8, 8))  # e.g. padding-only images
+    x = torch.randn(2, 3, 8, 8)
+    model(x)
+    step = model[0].input_quantizer.step.item()
+    assert step == pytest.approx(2 * x.abs().mean().item() / math.sqrt(7), rel=1e-6)
+
+
+def test_dead_weight_channels_start_from_the_mean_step_of_the_live_ones_with_a_warning(seed, caplog):
+    q = make_quantizer("lsq", 4, True, "per_channel", "weight", num_channels=6)
+    q.owner = "head.cls_score (weight)"
+    w = torch.randn(6, 4, 3, 3)
+    w[[1, 4]] = 0.0
+    with caplog.at_level(logging.WARNING, logger="model_quantization"):
+        q(w)
+    live = 2 * w.abs().mean(dim=(1, 2, 3)) / math.sqrt(7)
+    expected = live.clone()
+    expected[[1, 4]] = live[[0, 2, 3, 5]].mean()
+    torch.testing.assert_close(q.step.detach(), expected)
+    message = " ".join(r.getMessage() for r in caplog.records)
+    assert "head.cls_score (weight)" in message and "[1, 4]" in message
+
+
+@pytest.mark.parametrize("method, attribute", [("lsq", "step"), ("pact", "alpha")])
+@pytest.mark.parametrize("bad", [0.0, -0.5])
+def test_a_non_positive_learned_step_is_clamped_in_the_forward_and_keeps_its_gradient(method, attribute, bad):
+    q = make_quantizer(method, 4, False, init_value=0.5)
+    x = torch.rand(2, 3, 8, 8) * 4
+    getattr(q, attribute).data.fill_(bad)  # what an overshooting SGD step does
+    out = q(x)
+    assert bool(torch.isfinite(out).all()) and bool((out >= 0).all())
+    # Every value lands on the tiny positive grid: nothing flips sign, nothing divides by zero.
+    assert float(out.detach().abs().max()) < 1e-30
+    out.sum().backward()
+    grad = getattr(q, attribute).grad
+    assert grad is not None and bool(torch.isfinite(grad).all()) and float(grad) != 0.0
