@@ -22,6 +22,7 @@ The schema mirrors the core spec in detectron2's upper-case style::
                                        #   (progressive bit widths: a 2-bit run from a 4-bit checkpoint)
         FREEZE_BN_AFTER: 0.0           # fraction of SOLVER.MAX_ITER after which BN statistics stop updating
                                        #   (a schedule option: applies with quantization off too)
+        COMPILE: False                 # torch.compile the quantized network (backbone, FPN, head towers)
         DISTILLATION:                  # knowledge distillation from the float teacher (RetinaNet, FCOS)
           ENABLED: False
           TEACHER_WEIGHTS: ""          # the float teacher's checkpoint ("": MODEL.WEIGHTS)
@@ -96,6 +97,7 @@ def add_quantization_config(cfg) -> None:
     q.SCOPE = "all"
     q.REINIT_QUANTIZERS = False
     q.FREEZE_BN_AFTER = 0.0
+    q.COMPILE = False
     kd = node_type()
     kd.ENABLED = False
     kd.TEACHER_WEIGHTS = ""
@@ -122,6 +124,7 @@ class QuantizationConfig:
         reinit_quantizers: drop the quantizer state of loaded checkpoints (initialise it from data again).
         freeze_bn_after: fraction of the schedule after which BN statistics are frozen (0: never).
         distillation: knowledge distillation settings, or None when off.
+        compile: compile the quantized network with ``torch.compile``.
     """
 
     enabled: bool
@@ -135,6 +138,7 @@ class QuantizationConfig:
     reinit_quantizers: bool = False
     freeze_bn_after: float = 0.0
     distillation: DistillationConfig | None = None
+    compile: bool = False
 
 
 @dataclass(frozen=True)
@@ -279,6 +283,7 @@ def parse_quantization_config(cfg) -> QuantizationConfig:
         reinit_quantizers=reinit,
         freeze_bn_after=freeze_bn_after,
         distillation=distillation,
+        compile=_boolean(q.COMPILE, "COMPILE"),
     )
 
 

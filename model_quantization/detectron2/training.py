@@ -48,8 +48,8 @@ def _freeze_bn_statistics(model: nn.Module, cfg, config: QuantizationConfig) -> 
     announced = [False]
 
     def before_forward(module: nn.Module, args: Any) -> None:
-        if not module.training:
-            return
+        if not module.training or not torch.is_grad_enabled():
+            return  # inference, or a statistics-only pass (PreciseBN re-estimates them on purpose)
         calls[0] += 1
         if _iteration(calls[0] - 1) < freeze_at:
             return
