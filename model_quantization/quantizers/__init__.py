@@ -42,6 +42,7 @@ from model_quantization.quantizers.base import (
     IntegerGrid,
     Quantizer,
     build_quantizer,
+    calibration,
 )
 from model_quantization.quantizers.binary import BinaryOptions, BinaryQuantizer
 from model_quantization.quantizers.dorefa import DoReFaOptions, DoReFaQuantizer
@@ -54,7 +55,6 @@ from model_quantization.quantizers.observers import (
     ObserverQuantizer,
     PercentileObserver,
     PercentileOptions,
-    calibration,
 )
 from model_quantization.quantizers.pact import PACTOptions, PACTQuantizer
 from model_quantization.quantizers.recipe import DataDrivenOptions, QuantizerOptions, QuantizerRecipe

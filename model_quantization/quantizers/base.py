@@ -27,8 +27,10 @@ every registered name):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -56,6 +58,7 @@ __all__ = [
     "IntegerGrid",
     "Quantizer",
     "build_quantizer",
+    "calibration",
 ]
 
 
@@ -139,6 +142,10 @@ class Quantizer(nn.Module):
     bit_range: ClassVar[tuple[int, int]] = (1, MAX_BITS)
     #: Whether the method has state estimated from the first batch(es).
     data_driven: ClassVar[bool] = False
+    #: While True (see :func:`calibration`), every batch folds into the data-driven state, whatever
+    #: ``init_batches`` says, and sets ``initialized``; afterwards the state is frozen (only training changes
+    #: learned parameters). A per-instance switch, not state: never saved.
+    calibrating: bool = False
     #: Whether the forward pass computes exactly ``codes * scale`` in the input's dtype, so that the
     #: saved quantized input can be stored as codes (:meth:`compact`) and rebuilt bit for bit.
     exact_codes: ClassVar[bool] = False
@@ -224,7 +231,7 @@ class Quantizer(nn.Module):
         if not self._input_checked:
             self.check_input(x)
             self._input_checked = True
-        if not self.is_initialized:
+        if self.calibrating or not self.is_initialized:
             self.initialize(x)
         return self.quantize(x)
 
@@ -300,7 +307,8 @@ class Quantizer(nn.Module):
         """Fold one batch into the data-driven initial values (all-reduced over ranks).
 
         With ``init_batches = n`` the values are the running mean of the per-batch estimates over the first
-        n batches; afterwards ``initialized`` is set and the state is only changed by training.
+        n batches; afterwards ``initialized`` is set and the state is only changed by training. While
+        :attr:`calibrating`, every batch is folded into that running mean and ``initialized`` is set.
 
         A batch with NaN/Inf is refused (``ValueError``, nothing stored). A degenerate batch (all zeros: a
         dead input carries no scale) is not counted: initialisation is deferred to the next batch that has
@@ -327,8 +335,9 @@ class Quantizer(nn.Module):
             estimate = estimate.to(target.dtype).reshape(target.shape)
             target.data.copy_(estimate if seen == 0 else target.data + (estimate - target.data) / (seen + 1))
         self.init_batches_seen.fill_(seen + 1)
-        if seen + 1 >= self.init_batches:
+        if self.calibrating or seen + 1 >= self.init_batches:
             self.initialized.fill_(True)
+            self._known_initialized = True
 
     def _degenerate(self, estimates: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """Which groups (the tensor, or each channel) of a batch's estimates carry no scale (all-zero data).
@@ -474,6 +483,7 @@ class Quantizer(nn.Module):
     def extra_repr(self) -> str:
         if not self.enabled:
             return "bits=off"
+        calibrating = ["calibrating=True"] if self.calibrating else []
         parts = [f"bits={self.bits_label}", f"signed={self.signed}", self.granularity]
         if self.role == "weight":
             parts.append("role=weight")
@@ -485,7 +495,40 @@ class Quantizer(nn.Module):
             for f in dataclasses.fields(self.options)
             if getattr(self.options, f.name) != getattr(defaults, f.name)
         ]
-        return ", ".join(parts)
+        return ", ".join(parts + calibrating)
+
+
+@contextlib.contextmanager
+def calibration(model: nn.Module, *, reset: bool = False) -> Iterator[list[Quantizer]]:
+    """Switch :attr:`Quantizer.calibrating` on for every enabled quantizer in ``model`` inside the block.
+
+    In there every forward pass folds its batch into each quantizer's data-driven state: LSQ's step is the
+    running mean of the per-batch estimates (its ``init_method``), PACT's clip and LQ-Net's basis the mean
+    of their per-batch initial estimates, observers update their ranges. Each quantizer that saw a batch
+    is initialised; after the block the state is frozen (training still learns LSQ steps and PACT clips).
+    Works in train or eval mode and does not change it; evaluation of a model with quantizers that were
+    never initialised is an error outside this block. Under DDP every rank must run the same number of
+    batches (the estimates are all-reduced).
+
+    Args:
+        model: any module (a quantizer itself included).
+        reset: forget the stored data-driven state first (otherwise the batches extend the running mean
+            or range that is there).
+
+    Yields the quantizers it switched on.
+    """
+    quantizers = [m for m in model.modules() if isinstance(m, Quantizer) and m.enabled]
+    previous = [m.calibrating for m in quantizers]
+    if reset:
+        for m in quantizers:
+            m.reset_initialization()
+    for m in quantizers:
+        m.calibrating = True
+    try:
+        yield quantizers
+    finally:
+        for m, flag in zip(quantizers, previous, strict=True):
+            m.calibrating = flag
 
 
 def build_quantizer(

@@ -55,7 +55,8 @@ class LQNetQuantizer(Quantizer):
     Every value is mapped to its nearest level. In training, each forward pass refits the basis of every
     group (the whole tensor, or one output channel for per-channel weights) to the codes it just assigned,
     ``v* = argmin_v ||B v - x||^2`` (the paper's QEM step, solved with a pseudo-inverse so that unused codes
-    do not break it), and moves the stored basis towards it: ``v <- momentum * v + (1 - momentum) * v*``.
+    do not break it), and moves the stored basis towards it: ``v <- momentum * v + (1 - momentum) * v*``
+    (not while :attr:`calibrating`: the basis is then the mean of the per-batch initial fits).
     The basis is a buffer, not trained by gradients; the input gets the straight-through gradient.
     Options: :class:`LQNetOptions`.
     """
@@ -132,7 +133,7 @@ class LQNetQuantizer(Quantizer):
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         xg = self._groups(x.detach())
         quantized, index, order = self._assign(xg, self.basis.to(x.dtype))
-        if self.training:
+        if self.training and not self.calibrating:  # calibrating: the basis is the mean of the fits
             with torch.no_grad():
                 fitted = self._fit_basis(xg, index, order, self.basis)
                 momentum = self.options.momentum

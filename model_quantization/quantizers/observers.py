@@ -2,8 +2,9 @@
 
 An observer quantizer records the range of what flows through it and fake-quantizes with the step that
 maps that range onto the integer grid: ``step = max(|min|, |max|) / Qp`` (signed, grid ``[-Qn, Qp]``) or
-``step = max / (2^b - 1)`` (unsigned, grid ``[0, 2^b - 1]``). It observes on the first batch it sees and
-whenever calibration is switched on::
+``step = max / (2^b - 1)`` (unsigned, grid ``[0, 2^b - 1]``). It observes the first batch it sees in
+training, and every batch while :attr:`~.base.Quantizer.calibrating` is on (for every quantizer of a model,
+:func:`~.base.calibration`, in train or eval mode)::
 
     with calibration(model):          # observers update their ranges on every batch in here
         for images in calibration_set:
@@ -16,18 +17,15 @@ reduced over DDP ranks (min/max, or the mean for percentiles) so that every rank
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from model_quantization import functional as F
 from model_quantization.distributed import all_reduce_max, all_reduce_mean, all_reduce_min
-from model_quantization.quantizers.base import MIN_STEP, QUANTIZERS, IntegerGrid, Quantizer
+from model_quantization.quantizers.base import MIN_STEP, QUANTIZERS, IntegerGrid, Quantizer, calibration
 from model_quantization.quantizers.lsq import integer_grid, step_grid
 from model_quantization.quantizers.recipe import QuantizerOptions, QuantizerRecipe
 
@@ -53,24 +51,14 @@ class ObserverQuantizer(Quantizer):
 
     data_driven = True
     exact_codes = True
-    #: When True every forward pass updates the range (see :func:`calibration`). Per instance, not state.
-    observing = False
 
     def _create_state(self) -> None:
         self.qn, self.qp, self.sign_grid = integer_grid(self.bits, self.signed)
         self.register_buffer("min_val", torch.zeros(self._state_shape()))
         self.register_buffer("max_val", torch.zeros(self._state_shape()))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Until a range is stored the base class initialises (observes); in calibration every batch counts.
-        if self.enabled and x.numel() and self.observing and self.is_initialized:
-            if not self._input_checked:
-                self.check_input(x)
-                self._input_checked = True
-            self.observe(x)
-        return super().forward(x)
-
     def initialize(self, x: torch.Tensor) -> None:
+        """The first batch, and every batch while :attr:`calibrating`, updates the range."""
         self.observe(x)
 
     def _grouped(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,6 +103,7 @@ class ObserverQuantizer(Quantizer):
             self.combine(low, high)
         self.init_batches_seen.add_(1)
         self.initialized.fill_(True)
+        self._known_initialized = True
 
     def step(self) -> torch.Tensor:
         """The step size implied by the stored range."""
@@ -133,9 +122,6 @@ class ObserverQuantizer(Quantizer):
     def integer_grid(self, x: torch.Tensor | None = None) -> IntegerGrid:
         self._check_grid_ready()
         return step_grid(self, self.step())
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + (", observing=True" if self.observing else "")
 
 
 @dataclass(frozen=True)
@@ -215,20 +201,3 @@ class PercentileObserver(ObserverQuantizer):
         seen = int(self.init_batches_seen)
         self.min_val.add_((low - self.min_val) / (seen + 1))
         self.max_val.add_((high - self.max_val) / (seen + 1))
-
-
-@contextlib.contextmanager
-def calibration(model: nn.Module) -> Iterator[list[ObserverQuantizer]]:
-    """Make every observer in ``model`` update its range on each forward pass inside the block.
-
-    Does not change train/eval mode. Yields the observers it switched on.
-    """
-    observers = [m for m in model.modules() if isinstance(m, ObserverQuantizer) and m.enabled]
-    previous = [m.observing for m in observers]
-    for m in observers:
-        m.observing = True
-    try:
-        yield observers
-    finally:
-        for m, flag in zip(observers, previous, strict=True):
-            m.observing = flag

@@ -42,9 +42,9 @@ def test_ranges_freeze_outside_calibration(seed):
     q(torch.randn(100) * 50)
     assert torch.equal(q.min_val, frozen[0]) and torch.equal(q.max_val, frozen[1])
     with calibration(q) as observers:
-        assert observers == [q] and q.observing
+        assert observers == [q] and q.calibrating
         q(torch.randn(100) * 50)
-    assert not q.observing
+    assert not q.calibrating
     assert q.max_val > frozen[1]
 
 
