@@ -232,8 +232,26 @@ class Quantizer(nn.Module):
             self.check_input(x)
             self._input_checked = True
         if self.calibrating or not self.is_initialized:
+            if not (self.training or self.calibrating):
+                raise RuntimeError(self._uninitialized_message())
             self.initialize(x)
         return self.quantize(x)
+
+    def _uninitialized_message(self) -> str:
+        """Why an uninitialised quantizer refuses to evaluate, and what to do instead."""
+        seen = int(self.init_batches_seen)
+        if self._deferred_batches:
+            why = f" (every batch it saw, {self._deferred_batches}, was all zeros)"
+        elif seen:
+            why = f" ({seen} of its {self.init_batches} initialisation batches seen)"
+        else:
+            why = " (a float checkpoint, or a model that never trained)"
+        return (
+            f"{self.method} quantizer{self._where()} was never initialised from data{why}, and the model is "
+            f"in eval mode: evaluating now would estimate its state from the first evaluation batch. Train "
+            f"the quantized model first, or calibrate it (with model_quantization.calibration(model): run a "
+            f"few batches), or load a checkpoint of a trained quantized model"
+        )
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """Fake-quantize ``x`` with the current state (subclasses implement)."""

@@ -148,8 +148,9 @@ def test_copy_conversion_leaves_the_original_untouched():
 def test_conv_subclass_still_applies_norm_and_activation_with_quantized_input_and_weight(seed):
     model, _ = convert(ToyNet(), SPEC)
     conv = model.block.conv1
-    conv.eval()
     x = torch.randn(2, 8, 6, 6).abs()
+    conv(x)  # a training forward initialises the quantizers (evaluation refuses uninitialised ones)
+    conv.eval()
     out = conv(x)
     # The same computation written out by hand, with the module's own quantizers.
     expected = F.conv2d(conv.input_quantizer(x), conv.weight_quantizer(conv.weight), None, 1, 1)
@@ -186,8 +187,9 @@ def test_float_checkpoint_loads_strictly_and_quantized_checkpoint_round_trips(se
 
 def test_deepcopy_and_pickle_of_dynamic_subclasses(seed):
     model, _ = convert(ToyNet(), SPEC)
-    model.eval()
     x = _inputs()
+    model(x)  # a training forward initialises the quantizers
+    model.eval()
     expected = model(x)
     buffer = io.BytesIO()
     torch.save(model, buffer)
