@@ -11,6 +11,7 @@ name           method
 ``minmax``     PTQ observer: running min / max                                :class:`MinMaxObserver`
 ``ema_minmax`` PTQ observer: moving-average min / max                         :class:`MovingAverageMinMaxObserver`
 ``percentile`` PTQ observer: mean of per-batch percentiles                    :class:`PercentileObserver`
+``mse``        PTQ observer: mean of per-batch MSE-optimal steps                :class:`MSEObserver`
 =============  =========================================================================================
 
 Every quantizer is built by :func:`build_quantizer` from a :class:`QuantizerRecipe`. See
@@ -43,6 +44,7 @@ from model_quantization.quantizers.base import (
     Quantizer,
     build_quantizer,
     calibration,
+    grid_mismatches,
 )
 from model_quantization.quantizers.binary import BinaryOptions, BinaryQuantizer
 from model_quantization.quantizers.dorefa import DoReFaOptions, DoReFaQuantizer
@@ -52,6 +54,7 @@ from model_quantization.quantizers.observers import (
     EMAOptions,
     MinMaxObserver,
     MovingAverageMinMaxObserver,
+    MSEObserver,
     ObserverQuantizer,
     PercentileObserver,
     PercentileOptions,
@@ -78,6 +81,7 @@ __all__ = [
     "LSQQuantizer",
     "MinMaxObserver",
     "MovingAverageMinMaxObserver",
+    "MSEObserver",
     "ObserverQuantizer",
     "PACTOptions",
     "PACTQuantizer",
@@ -88,4 +92,5 @@ __all__ = [
     "QuantizerRecipe",
     "build_quantizer",
     "calibration",
+    "grid_mismatches",
 ]

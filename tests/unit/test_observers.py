@@ -107,3 +107,20 @@ def test_observer_state_dict_round_trip(seed):
     x = torch.randn(2, 3, 4, 4) * 3
     assert fresh.is_initialized
     assert torch.equal(fresh(x), q(x))
+
+
+def test_mse_observer_steps_are_the_mean_of_each_batch_mse_optimal_step(seed):
+    from model_quantization.quantizers import calibration
+    from model_quantization.quantizers.estimators import mse_step
+
+    q = make_quantizer("mse", 4, False)
+    batches = [torch.rand(2, 3, 8, 8) ** 3 * (i + 1) for i in range(3)]
+    with calibration(q):
+        for x in batches:
+            q(x)
+    expected = torch.stack([mse_step(x, 0, 15) for x in batches]).mean()
+    torch.testing.assert_close(q.integer_grid().scale, expected)
+    w = torch.randn(5, 4, 3, 3)
+    per_channel = make_quantizer("mse", 3, True, "per_channel", "weight", num_channels=5)
+    per_channel(w)
+    torch.testing.assert_close(per_channel.integer_grid().scale, mse_step(w, 4, 3, axis=0))

@@ -25,7 +25,7 @@ def test_import_needs_torch_only():
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     result = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "8"
+    assert result.stdout.strip() == "9"
 
 
 def _module_name(path: Path) -> str:

@@ -18,7 +18,7 @@ from model_quantization.quantizers import (
 )
 from model_quantization.registry import Registry
 
-EXPECTED = {"lsq", "dorefa", "pact", "lqnet", "binary", "minmax", "ema_minmax", "percentile"}
+EXPECTED = {"lsq", "dorefa", "pact", "lqnet", "binary", "minmax", "ema_minmax", "percentile", "mse"}
 
 
 def test_all_methods_are_registered():
