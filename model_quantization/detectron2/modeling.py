@@ -9,7 +9,8 @@ whether or not quantization is on) and kept as ``model.quantization_config``; th
    other FPN-like necks, e.g. AdelaiDet's BiFPN, are in :data:`~.architectures.NECKS`);
 2. with ``MODEL.QUANTIZATION.ENABLED``, :func:`model_quantization.convert` with the config's spec, in place,
    and the conversion report in the log (also kept as ``model.quantization_report``);
-3. with ``BACKBONE_WEIGHTS``, the double-init hook (:mod:`.checkpoint`);
+3. the checkpoint guard (:mod:`.safeguards`: quantizer grid check) and, with ``BACKBONE_WEIGHTS``, the
+   double-init hook (:mod:`.checkpoint`);
 4. the training-time parts of the recipe (:mod:`.training`: distillation, BN freezing).
 """
 
@@ -27,6 +28,7 @@ from ..spec import QuantSpec, Rule
 from .architectures import NECKS, fpn_convs, head_skip_rules
 from .checkpoint import attach_backbone_weights, load_backbone_weights
 from .config import QuantizationConfig, config_key_names, parse_quantization_config
+from .safeguards import attach_grid_check
 from .training import attach_training_hooks
 
 __all__ = ["apply_architecture_options", "quantize"]
@@ -114,6 +116,9 @@ def quantize(model: nn.Module, cfg) -> nn.Module:
     logger.info("Quantized %s as MODEL.QUANTIZATION says:\n%s", type(model).__name__, report)
     model.quantization_report = report
     model.quantization_config = config
+    # Pre-hook order: the grid check reads MODEL.WEIGHTS' quantizer state before the double init (below)
+    # puts the low-bit backbone's state in.
+    attach_grid_check(model)
     if config.backbone_weights:
         attach_backbone_weights(model, config.backbone_weights)
         if not cfg.MODEL.WEIGHTS:  # no detector checkpoint will be loaded to trigger it

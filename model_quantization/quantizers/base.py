@@ -17,6 +17,10 @@ every registered name):
   checkpoint is never re-initialised from data. A state dict holding *none* of a quantizer's keys (a
   float checkpoint loaded into a converted model) leaves its state untouched, so data-driven
   initialisation still happens.
+* Every enabled quantizer records the grid its state belongs to (:attr:`Quantizer.grid_label`) under
+  :data:`RECIPE_KEY` in state dicts (a fixed-size ``uint8`` entry, not a buffer: never moved, cast or
+  broadcast). Loading state recorded for another grid is an error naming the quantizer; state without a
+  record (written before grids were recorded) loads unchecked.
 * Data-driven initial values are averaged over DDP ranks (:mod:`model_quantization.distributed`).
 * Non-finite state is never stored: a batch with NaN/Inf (or whose estimate overflows float32) is refused
   with a ``ValueError`` naming the module, and so is a checkpoint holding non-finite quantizer state. An
@@ -30,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -53,16 +57,46 @@ __all__ = [
     "MAX_BITS",
     "MIN_STEP",
     "QUANTIZERS",
+    "RECIPE_BYTES",
+    "RECIPE_KEY",
     "ROLES",
     "GridUnavailable",
     "IntegerGrid",
     "Quantizer",
     "build_quantizer",
     "calibration",
+    "decode_grid",
+    "encode_grid",
+    "grid_mismatches",
 ]
 
 
 logger = logging.getLogger(__name__)
+
+#: State-dict entry, under each enabled quantizer's prefix, that records the grid its state belongs to
+#: (:attr:`Quantizer.grid_label`), so that a checkpoint is never loaded into a model with another grid.
+#: UTF-8, zero padded to a fixed length: detectron2's checkpointer drops entries whose shape differs from
+#: the model's before loading, so a variable length would hide exactly the mismatches this is for.
+RECIPE_KEY = "recipe"
+RECIPE_BYTES = 64
+
+
+def encode_grid(label: str) -> torch.Tensor:
+    """``label`` as a ``uint8`` tensor of :data:`RECIPE_BYTES` bytes (a :data:`RECIPE_KEY` entry)."""
+    data = label.encode()
+    if len(data) > RECIPE_BYTES:
+        raise ValueError(f"grid label {label!r} is longer than {RECIPE_BYTES} bytes")
+    return torch.tensor(list(data.ljust(RECIPE_BYTES, b"\0")), dtype=torch.uint8)
+
+
+def decode_grid(value: Any) -> str:
+    """The label a :data:`RECIPE_KEY` entry holds (``"unreadable"`` when it is not one)."""
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.uint8 or value.dim() != 1:
+        return "unreadable"
+    try:
+        return bytes(value.tolist()).rstrip(b"\0").decode()
+    except UnicodeDecodeError:
+        return "unreadable"
 
 
 class GridUnavailable(ValueError):
@@ -208,6 +242,15 @@ class Quantizer(nn.Module):
     def bits_label(self) -> str:
         """Human-readable bit width for reports ("4", "ter", "off")."""
         return "off" if self.bits is None else str(self.bits)
+
+    @property
+    def grid_label(self) -> str:
+        """What a checkpoint records of this quantizer: method, bits, signedness, granularity
+        (``"lsq 4-bit unsigned per_tensor"``, ``"lqnet ternary signed per_tensor"``), or ``"off"``."""
+        if not self.enabled:
+            return "off"
+        bits = "ternary" if self.bits_label == "ter" else f"{self.bits}-bit"
+        return f"{self.method} {bits} {'signed' if self.signed else 'unsigned'} {self.granularity}"
 
     @property
     def is_initialized(self) -> bool:
@@ -480,7 +523,21 @@ class Quantizer(nn.Module):
         # An empty dim list would mean "reduce everything" to torch; here it means "nothing to reduce".
         return x.abs().mean(dim=dims) if dims else x.abs()
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.enabled:  # "off" holds no state and records nothing
+            destination[prefix + RECIPE_KEY] = encode_grid(self.grid_label)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        recorded = state_dict.get(prefix + RECIPE_KEY)
+        if recorded is not None and decode_grid(recorded) != self.grid_label:
+            # Loading it would run this grid with state learned for another (e.g. 4-bit steps at 2 bits).
+            errors.append(
+                f"quantizer {prefix[:-1]!r}{self._where()}: the checkpoint's grid is "
+                f"{decode_grid(recorded)!r}, this model's is {self.grid_label!r}; nothing of it was loaded"
+            )
+            return
+        # Checkpoints written before grids were recorded have no entry: they load without a check.
         own = [prefix + name for name, _ in self.named_parameters(recurse=False)]
         own += [prefix + name for name, _ in self.named_buffers(recurse=False)]
         if own and not any(key in state_dict for key in own):
@@ -496,6 +553,8 @@ class Quantizer(nn.Module):
             )
             return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+        if prefix + RECIPE_KEY in unexpected:  # ours, checked above; not a parameter or buffer
+            unexpected.remove(prefix + RECIPE_KEY)
         self._known_initialized = False  # re-read the loaded flag on next use
 
     def extra_repr(self) -> str:
@@ -547,6 +606,27 @@ def calibration(model: nn.Module, *, reset: bool = False) -> Iterator[list[Quant
     finally:
         for m, flag in zip(quantizers, previous, strict=True):
             m.calibrating = flag
+
+
+def grid_mismatches(
+    model: nn.Module, state_dict: Mapping[str, Any], prefix: str = ""
+) -> list[tuple[str, str, str]]:
+    """``(quantizer name, checkpoint's grid, model's grid)`` for every grid recorded in ``state_dict`` (keys
+    under ``prefix``) that differs from the model's; the model's grid is ``"float"`` where it has no
+    quantizer of that name. Checkpoints without records (float ones, or written before grids were
+    recorded) have no mismatches."""
+    quantizers = {name: m for name, m in model.named_modules() if isinstance(m, Quantizer)}
+    suffix = "." + RECIPE_KEY
+    mismatches = []
+    for key, value in state_dict.items():
+        if not (key.startswith(prefix) and key.endswith(suffix)):
+            continue
+        name = key[len(prefix) : -len(suffix)]
+        quantizer = quantizers.get(name)
+        expected = quantizer.grid_label if quantizer is not None else "float"
+        if decode_grid(value) != expected:
+            mismatches.append((name, decode_grid(value), expected))
+    return mismatches
 
 
 def build_quantizer(

@@ -88,3 +88,58 @@ def test_a_trained_quantized_checkpoint_evaluates(checkpoints) -> None:
     with torch.no_grad():
         outputs = model(_images())
     assert len(outputs) == 1 and "instances" in outputs[0]
+
+
+# ----------------------------------------------------------------------------------- item 3
+
+
+def test_a_4bit_checkpoint_into_the_2bit_config_fails_naming_modules_and_the_way_out(checkpoints) -> None:
+    with pytest.raises(ValueError) as error:
+        _build_and_load(W2A2, checkpoints["w4a4"])
+    message = str(error.value)
+    assert "lsq 4-bit" in message and "lsq 2-bit" in message
+    assert "backbone.bottom_up.res2.0.conv1.weight_quantizer" in message
+    assert "MODEL.QUANTIZATION.REINIT_QUANTIZERS: True" in message
+
+
+def test_a_checkpoint_written_before_grids_were_recorded_loads_without_a_check(checkpoints, tmp_path) -> None:
+    data = torch.load(checkpoints["w4a4"], weights_only=False)
+    expected = {k: v for k, v in data["model"].items() if "_quantizer." in k and not k.endswith(".recipe")}
+    data["model"] = {k: v for k, v in data["model"].items() if not k.endswith(".recipe")}
+    old = tmp_path / "old_format.pth"
+    torch.save(data, old)
+    model = _build_and_load(W4A4, old)
+    state = model.state_dict()
+    assert expected and all(torch.equal(state[k], v) for k, v in expected.items())
+
+
+def _low_bit_backbone(directory: Path, config: Path, old_format: bool = False) -> Path:
+    """The bottom-up state of a `config` model whose quantizers initialised from one batch."""
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
+
+    torch.manual_seed(2)
+    source = build_model(load_cfg(config)).train()
+    with EventStorage(0):
+        source(shapes_batch(2))
+    state = source.backbone.bottom_up.state_dict()
+    if old_format:
+        state = {k: v for k, v in state.items() if not k.endswith(".recipe")}
+    path = directory / f"backbone_{config.stem}{'_old' if old_format else ''}.pth"
+    torch.save(state, path)
+    return path
+
+
+def test_double_init_takes_a_low_bit_backbone_written_before_grids_were_recorded(
+    checkpoints, tmp_path
+) -> None:
+    backbone = _low_bit_backbone(tmp_path, W4A4, old_format=True)
+    model = _build_and_load(W4A4, checkpoints["float"], "MODEL.QUANTIZATION.BACKBONE_WEIGHTS", str(backbone))
+    flags = {k: bool(v) for k, v in quantizer_state(model).items() if k.endswith("initialized")}
+    assert all(v for k, v in flags.items() if k.startswith("backbone.bottom_up."))
+
+
+def test_double_init_refuses_a_backbone_trained_with_another_grid(checkpoints, tmp_path) -> None:
+    backbone = _low_bit_backbone(tmp_path, W4A4)
+    with pytest.raises(RuntimeError, match=r"'backbone\.bottom_up\..*lsq 4-bit.*lsq 2-bit"):
+        _build_and_load(W2A2, checkpoints["float"], "MODEL.QUANTIZATION.BACKBONE_WEIGHTS", str(backbone))
