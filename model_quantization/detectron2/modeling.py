@@ -9,8 +9,8 @@ whether or not quantization is on) and kept as ``model.quantization_config``; th
    other FPN-like necks, e.g. AdelaiDet's BiFPN, are in :data:`~.architectures.NECKS`);
 2. with ``MODEL.QUANTIZATION.ENABLED``, :func:`model_quantization.convert` with the config's spec, in place,
    and the conversion report in the log (also kept as ``model.quantization_report``);
-3. the checkpoint guard (:mod:`.safeguards`: quantizer grid check) and, with ``BACKBONE_WEIGHTS``, the
-   double-init hook (:mod:`.checkpoint`);
+3. the checkpoint guards (:mod:`.safeguards`: quantizer grid check, ``REINIT_QUANTIZERS``) and, with
+   ``BACKBONE_WEIGHTS``, the double-init hook (:mod:`.checkpoint`);
 4. the training-time parts of the recipe (:mod:`.training`: distillation, BN freezing).
 """
 
@@ -28,7 +28,7 @@ from ..spec import QuantSpec, Rule
 from .architectures import NECKS, fpn_convs, head_skip_rules
 from .checkpoint import attach_backbone_weights, load_backbone_weights
 from .config import QuantizationConfig, config_key_names, parse_quantization_config
-from .safeguards import attach_grid_check
+from .safeguards import attach_grid_check, attach_reinit
 from .training import attach_training_hooks
 
 __all__ = ["apply_architecture_options", "quantize"]
@@ -116,8 +116,10 @@ def quantize(model: nn.Module, cfg) -> nn.Module:
     logger.info("Quantized %s as MODEL.QUANTIZATION says:\n%s", type(model).__name__, report)
     model.quantization_report = report
     model.quantization_config = config
-    # Pre-hook order: the grid check reads MODEL.WEIGHTS' quantizer state before the double init (below)
-    # puts the low-bit backbone's state in.
+    # Pre-hook order: REINIT drops MODEL.WEIGHTS' quantizer state and the grid check reads what is left,
+    # both before the double init (below) puts the low-bit backbone's state in.
+    if config.reinit_quantizers:
+        attach_reinit(model)
     attach_grid_check(model)
     if config.backbone_weights:
         attach_backbone_weights(model, config.backbone_weights)

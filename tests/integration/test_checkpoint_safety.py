@@ -3,6 +3,7 @@ uninitialised evaluation, grid mismatches, REINIT_QUANTIZERS (issue 13, items 3 
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,49 @@ def test_double_init_refuses_a_backbone_trained_with_another_grid(checkpoints, t
     backbone = _low_bit_backbone(tmp_path, W4A4)
     with pytest.raises(RuntimeError, match=r"'backbone\.bottom_up\..*lsq 4-bit.*lsq 2-bit"):
         _build_and_load(W2A2, checkpoints["float"], "MODEL.QUANTIZATION.BACKBONE_WEIGHTS", str(backbone))
+
+
+# ----------------------------------------------------------------------------------- REINIT_QUANTIZERS
+
+REINIT = ("MODEL.QUANTIZATION.REINIT_QUANTIZERS", True)
+
+
+def test_reinit_quantizers_starts_a_2bit_run_from_a_4bit_checkpoint(checkpoints, caplog) -> None:
+    from detectron2.utils.events import EventStorage
+
+    with caplog.at_level(logging.INFO, logger="model_quantization"):
+        model = _build_and_load(W2A2, checkpoints["w4a4"], *REINIT)
+    lines = [r.getMessage() for r in caplog.records if "REINIT_QUANTIZERS" in r.getMessage()]
+    assert len(lines) == 1 and "dropped 312 quantizer entries (78 quantizers)" in lines[0], lines
+    saved = torch.load(checkpoints["w4a4"], weights_only=False)["model"]
+    state = model.state_dict()
+    for key, value in saved.items():
+        if "_quantizer." not in key:
+            assert torch.equal(state[key], torch.as_tensor(value)), f"{key} did not load"
+    assert not any(bool(v) for k, v in quantizer_state(model).items() if k.endswith("initialized"))
+    model.train()
+    with EventStorage(0):
+        model(shapes_batch(2))
+    quantizers = quantizer_state(model)
+    assert all(bool(v) for k, v in quantizers.items() if k.endswith("initialized"))
+    assert all(float(v.min()) > 0 for k, v in quantizers.items() if k.endswith(".step"))
+
+
+def test_reinit_quantizers_keeps_the_state_of_this_runs_own_checkpoint(checkpoints, caplog) -> None:
+    """--resume of a REINIT run loads its own checkpoint: re-initialising it would restart every step."""
+    with caplog.at_level(logging.INFO, logger="model_quantization"):
+        model = _build_and_load(W4A4, checkpoints["w4a4"], *REINIT)
+    assert any("kept the checkpoint's quantizer state" in r.getMessage() for r in caplog.records)
+    saved = torch.load(checkpoints["w4a4"], weights_only=False)["model"]
+    for key, value in quantizer_state(model).items():
+        assert torch.equal(value, saved[key]), key
+
+
+def test_reinit_quantizers_drops_a_checkpoint_without_grid_records(checkpoints, tmp_path, caplog) -> None:
+    data = torch.load(checkpoints["w4a4"], weights_only=False)
+    data["model"] = {k: v for k, v in data["model"].items() if not k.endswith(".recipe")}
+    torch.save(data, tmp_path / "old_format.pth")
+    with caplog.at_level(logging.INFO, logger="model_quantization"):
+        model = _build_and_load(W4A4, tmp_path / "old_format.pth", *REINIT)
+    assert any("dropped 234 quantizer entries" in r.getMessage() for r in caplog.records)
+    assert not any(bool(v) for k, v in quantizer_state(model).items() if k.endswith("initialized"))
