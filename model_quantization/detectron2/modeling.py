@@ -8,7 +8,9 @@ whether or not quantization is on) and kept as ``model.quantization_config``; th
    quantized activations need non-negative conv inputs, so the FPN's convs get a ReLU after their norm;
    other FPN-like necks, e.g. AdelaiDet's BiFPN, are in :data:`~.architectures.NECKS`);
 2. with ``MODEL.QUANTIZATION.ENABLED``, :func:`model_quantization.convert` with the config's spec, in place,
-   and the conversion report in the log (also kept as ``model.quantization_report``);
+   and the conversion report in the log (also kept as ``model.quantization_report``; :mod:`.logs` routes
+   the package's log to detectron2's console and ``OUTPUT_DIR/log.txt``, and logs one line when the
+   quantizers have initialised from data);
 3. the checkpoint guards (:mod:`.safeguards`: quantizer grid check, ``REINIT_QUANTIZERS``) and, with
    ``BACKBONE_WEIGHTS``, the double-init hook (:mod:`.checkpoint`);
 4. the training-time parts of the recipe (:mod:`.training`: distillation, BN freezing).
@@ -28,6 +30,7 @@ from ..spec import QuantSpec, Rule
 from .architectures import NECKS, fpn_convs, head_skip_rules
 from .checkpoint import attach_backbone_weights, load_backbone_weights
 from .config import QuantizationConfig, config_key_names, parse_quantization_config
+from .logs import attach_init_summary, route_to_detectron2_log
 from .safeguards import attach_grid_check, attach_reinit
 from .training import attach_training_hooks
 
@@ -97,6 +100,7 @@ def _skip_generated_weight_convs(model: nn.Module, spec: QuantSpec) -> QuantSpec
 def quantize(model: nn.Module, cfg) -> nn.Module:
     """Apply the architecture options and, when enabled, quantize ``model`` in place as ``cfg`` says."""
     config = parse_quantization_config(cfg)
+    route_to_detectron2_log()  # train_net.py's console and OUTPUT_DIR/log.txt get the report below
     relu_convs = apply_architecture_options(model, config)
     if relu_convs:
         logger.info("FPN_ACTIVATION=%s after %d FPN convs", config.fpn_activation, len(relu_convs))
@@ -121,6 +125,7 @@ def quantize(model: nn.Module, cfg) -> nn.Module:
     if config.reinit_quantizers:
         attach_reinit(model)
     attach_grid_check(model)
+    attach_init_summary(model)
     if config.backbone_weights:
         attach_backbone_weights(model, config.backbone_weights)
         if not cfg.MODEL.WEIGHTS:  # no detector checkpoint will be loaded to trigger it
