@@ -190,3 +190,14 @@ def test_reinit_quantizers_drops_a_checkpoint_without_grid_records(checkpoints, 
         model = _build_and_load(W4A4, tmp_path / "old_format.pth", *REINIT)
     assert any("dropped 234 quantizer entries" in r.getMessage() for r in caplog.records)
     assert not any(bool(v) for k, v in quantizer_state(model).items() if k.endswith("initialized"))
+
+
+def test_the_init_summary_of_a_resumed_run_says_the_quantizers_were_restored(checkpoints, caplog) -> None:
+    from detectron2.utils.events import EventStorage
+
+    model = _build_and_load(W4A4, checkpoints["w4a4"]).train()
+    with caplog.at_level(logging.INFO, logger="model_quantization"), EventStorage(7):
+        model(shapes_batch(2))
+        model(shapes_batch(2, seed=1))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("quantizers:")]
+    assert lines == ["quantizers: 0 of 78 initialised from data; 78 restored from the checkpoint (lsq: 78)"]
