@@ -51,6 +51,13 @@ def demo(session: nox.Session) -> None:
 
 
 @nox.session
+def calibrate(session: nox.Session) -> None:
+    """Post-training quantization: `nox -s calibrate -- --config-file <cfg> --weights <float.pth> [--images 256]`."""
+    python = _build(session)
+    session.run(python, "-m", "model_quantization.calibrate", *session.posargs, external=True)
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     """ruff (lint + format check), `patches check` (re-export, fail on any diff), hadolint on docker/Dockerfile."""
     python = _build(session)
