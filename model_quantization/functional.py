@@ -7,9 +7,14 @@ intermediate tensors autograd would keep alive and, on CPU, lets one fused kerne
 single pass over memory. The ``*_reference`` functions are the naive autograd compositions of the same
 formulas; tests check that both paths agree and the benchmark shows what fusing buys.
 
+Kernels exist for LSQ/LSQ+, PACT/DoReFa activations, binary activations (sign forward; Bi-Real and
+clipped straight-through backward) and LQ-Net's nearest-level search with the per-level statistics of its
+basis fit (:func:`nearest_level`).
+
 Backends: ``"auto"`` (default) uses the compiled CPU kernel for contiguous float32 CPU tensors when it can
 be built and the eager analytic implementation otherwise; ``"eager"`` always uses the latter. Both give
-bit-identical outputs and input gradients.
+bit-identical outputs and input gradients. Under ``torch.compile`` the eager implementation is what gets
+traced (and fused by the compiler).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import contextlib
 import ctypes
 import math
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 
@@ -25,6 +31,7 @@ from model_quantization.kernels import cpu as cpu_kernels
 
 __all__ = [
     "MIN_STEP",
+    "NearestLevels",
     "backend",
     "bireal_sign",
     "clip_fake_quant",
@@ -32,6 +39,7 @@ __all__ = [
     "get_backend",
     "lsq_fake_quant",
     "lsq_fake_quant_reference",
+    "nearest_level",
     "pact_fake_quant",
     "pact_fake_quant_reference",
     "round_ste",
@@ -90,9 +98,10 @@ def _kernel_library(*tensors: torch.Tensor | None) -> ctypes.CDLL | None:
     """The compiled kernels if the backend allows them and every given tensor is CPU float32 contiguous.
 
     Never under ``torch.compile``/``torch.export``: dynamo cannot trace into a ctypes call, while the eager
-    ops are what a compiled graph should contain anyway.
+    ops are what a compiled graph should contain anyway. (Tested first, so that a compiled graph does not
+    read, and hence guard on, the selected backend: switching it causes no recompilation.)
     """
-    if _backend != "auto" or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _backend != "auto":
         return None
     for t in tensors:
         if t is not None and (t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous()):
@@ -175,6 +184,16 @@ def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
     return x if scale == 1.0 else _ScaleGrad.apply(x, scale)
 
 
+def _sign_fast(x: torch.Tensor) -> torch.Tensor:
+    """:func:`_sign`, by the fused kernel when it applies (one pass instead of a mask and a select)."""
+    lib = _kernel_library(x)
+    if lib is None:
+        return _sign(x)
+    out = torch.empty_like(x)
+    lib.mq_sign_forward(x.data_ptr(), out.data_ptr(), x.numel(), torch.get_num_threads())
+    return out
+
+
 class _SignSTE(torch.autograd.Function):
     """sign(x) forward; straight-through gradient clipped to |x| <= clip (Courbariaux et al., 2016)."""
 
@@ -182,13 +201,21 @@ class _SignSTE(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, clip: float | None) -> torch.Tensor:
         ctx.save_for_backward(x)
         ctx.clip = clip
-        return _sign(x)
+        return _sign_fast(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (x,) = ctx.saved_tensors
         if ctx.clip is None:
             return grad, None
+        grad = grad.contiguous()
+        lib = _kernel_library(x, grad)
+        if lib is not None:
+            dx = torch.empty_like(x)
+            lib.mq_ste_backward(
+                x.data_ptr(), grad.data_ptr(), dx.data_ptr(), x.numel(), ctx.clip, torch.get_num_threads()
+            )
+            return dx, None
         return torch.where(x.abs() <= ctx.clip, grad, 0.0), None
 
 
@@ -203,11 +230,19 @@ class _BiRealSign(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x)
-        return _sign(x)
+        return _sign_fast(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
+        grad = grad.contiguous()
+        lib = _kernel_library(x, grad)
+        if lib is not None:
+            dx = torch.empty_like(x)
+            lib.mq_bireal_backward(
+                x.data_ptr(), grad.data_ptr(), dx.data_ptr(), x.numel(), torch.get_num_threads()
+            )
+            return dx
         return grad * (2.0 - 2.0 * x.abs()).clamp_min(0.0)
 
 
@@ -458,3 +493,63 @@ def xnor_weight(w: torch.Tensor, channel_axis: int | None = 0) -> torch.Tensor:
     sign(w_j)``.
     """
     return sign_ste(w, clip=1.0) * _reduce_abs_mean(w, channel_axis)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Nearest of a set of levels (LQ-Net)
+# --------------------------------------------------------------------------------------------------------
+
+
+class NearestLevels(NamedTuple):
+    """What :func:`nearest_level` returns.
+
+    Attributes:
+        values: the nearest level of every element, shape of ``x``.
+        index: the position of that level in the sorted levels (int64), or None when the fused kernel ran
+            (it does not materialise it).
+        counts, sums: float64 ``(groups, L)``, how many elements went to each sorted level and their sum;
+            None unless ``statistics`` was asked for.
+    """
+
+    values: torch.Tensor
+    index: torch.Tensor | None
+    counts: torch.Tensor | None
+    sums: torch.Tensor | None
+
+
+def nearest_level(x: torch.Tensor, levels: torch.Tensor, *, statistics: bool = False) -> NearestLevels:
+    """Map every element of row ``g`` of ``x`` (``groups x m``) to the nearest of ``levels[g]`` (ascending).
+
+    A value half-way between two levels goes to the lower one and NaN to the top level:
+    ``index = searchsorted(mid-points, x)`` (side left), ``values = levels[index]`` (exact copies of the levels).
+    With ``statistics`` also the per-level counts and sums that LQ-Net's least-squares basis fit needs.
+
+    The fused CPU kernel (contiguous float32) gives the same values and counts as the eager path; its sums
+    are accumulated in float within blocks of 2048 elements and in double across blocks (the eager path sums
+    in double), so they agree to float32 precision.
+    """
+    thresholds = ((levels[:, 1:] + levels[:, :-1]) / 2).contiguous()
+    groups, num_levels = levels.shape
+    lib = _kernel_library(x, levels, thresholds)
+    if lib is not None and x.dim() == 2 and x.shape[0] == groups and num_levels <= 256:
+        values = torch.empty_like(x)
+        counts = sums = None
+        if statistics:
+            counts = torch.empty(groups, num_levels, dtype=torch.float64)
+            sums = torch.empty_like(counts)
+        status = lib.mq_nearest_level(
+            x.data_ptr(), values.data_ptr(), groups, groups, x.shape[1], levels.data_ptr(), thresholds.data_ptr(),
+            num_levels, None if counts is None else counts.data_ptr(), None if sums is None else sums.data_ptr(),
+            torch.get_num_threads(),
+        )  # fmt: skip
+        if status == 0:
+            return NearestLevels(values, None, counts, sums)
+    index = torch.searchsorted(thresholds, x.contiguous())
+    values = levels.gather(1, index)
+    counts = sums = None
+    if statistics:
+        counts = torch.zeros(groups, num_levels, dtype=torch.float64, device=x.device)
+        sums = torch.zeros_like(counts)
+        counts.scatter_add_(1, index, torch.ones_like(x, dtype=torch.float64))
+        sums.scatter_add_(1, index, x.to(torch.float64))
+    return NearestLevels(values, index, counts, sums)

@@ -8,8 +8,9 @@ to the copy torch already loaded, so both share one OpenMP runtime and respect `
 
 The kernels implement exactly the same operation sequence as the eager path in
 :mod:`model_quantization.functional` (true division, clamp, round-half-to-even, multiply), so outputs and
-input gradients are bit-identical; only the order of the step-gradient summation differs (the kernels
-accumulate in double precision).
+input gradients are bit-identical; only the order of summations differs: the step gradients (the kernels
+accumulate in double precision) and LQ-Net's per-level sums (float within a block, double across blocks,
+where the eager path sums in double).
 
 Compilation is never required for correctness. Without a compiler, with ``MODEL_QUANTIZATION_KERNELS=0``,
 or when compilation or loading fails, :func:`load` returns ``None`` (with one warning naming the reason)
@@ -190,6 +191,159 @@ double mq_clip_backward(const float* restrict x, const float* restrict grad, flo
     (void)acc_b;
     return acc_s;
 }
+
+/* Element-wise loops without reductions: the same static blocks as BLOCK_LOOP. */
+#define ELEMENTWISE_LOOP(n)                                                        \
+    const int64_t num_blocks = ((n) + BLOCK - 1) / BLOCK;                          \
+    _Pragma("omp parallel for num_threads(threads) schedule(static)")              \
+    for (int64_t blk = 0; blk < num_blocks; ++blk)
+#define BLOCK_RANGE(n)                                                             \
+    const int64_t lo = blk * BLOCK, hi = lo + BLOCK < (n) ? lo + BLOCK : (n);
+
+/* Binary activations: out = x >= 0 ? 1 : -1 (sign(0) = +1; NaN gives -1, like the eager torch.where). */
+void mq_sign_forward(const float* restrict x, float* restrict out, int64_t n, int threads) {
+    ELEMENTWISE_LOOP(n) {
+        BLOCK_RANGE(n)
+        #pragma omp simd
+        for (int64_t i = lo; i < hi; ++i) out[i] = x[i] >= 0.0f ? 1.0f : -1.0f;
+    }
+}
+
+/* Bi-Real Net's ApproxSign backward: dx = grad * clamp_min(2 - 2|x|, 0) (NaN propagates, as in torch). */
+void mq_bireal_backward(const float* restrict x, const float* restrict grad, float* restrict dx, int64_t n,
+                        int threads) {
+    ELEMENTWISE_LOOP(n) {
+        BLOCK_RANGE(n)
+        #pragma omp simd
+        for (int64_t i = lo; i < hi; ++i) {
+            float t = 2.0f - 2.0f * fabsf(x[i]);
+            dx[i] = grad[i] * (t < 0.0f ? 0.0f : t);
+        }
+    }
+}
+
+/* Clipped straight-through backward of sign: dx = |x| <= clip ? grad : 0. */
+void mq_ste_backward(const float* restrict x, const float* restrict grad, float* restrict dx, int64_t n,
+                     float clip, int threads) {
+    ELEMENTWISE_LOOP(n) {
+        BLOCK_RANGE(n)
+        #pragma omp simd
+        for (int64_t i = lo; i < hi; ++i) dx[i] = fabsf(x[i]) <= clip ? grad[i] : 0.0f;
+    }
+}
+
+/* Nearest of sorted levels (LQ-Net). x: rows of m contiguous elements, row r uses levels[g] and
+ * thresholds[g] with g = r % groups (levels: groups x L ascending; thresholds: groups x (L - 1), the
+ * mid-points, computed by the caller). index = #(thresholds < v), NaN counting as above every threshold
+ * (torch.searchsorted, side left); out = levels[index], a copy of the level.
+ * With counts != NULL, also counts and sums (groups x L) of the elements at each level: float within a
+ * block, then double per block, added up in block order (the same result for any thread count). */
+/* Thresholds and levels are copied to locals first: that is what lets GCC keep them in registers and
+ * vectorise the element loop (with the pointers it gives up); the chain of selects, rather than a gather
+ * from levels[index], is also what keeps each output an exact copy of a level. */
+#define LEVEL_SPAN(NT)                                                             \
+    {                                                                              \
+        float tt[NT], ll[(NT) + 1];                                                \
+        for (int j = 0; j < (NT); ++j) tt[j] = t[j];                               \
+        for (int j = 0; j <= (NT); ++j) ll[j] = lv[j];                             \
+        _Pragma("omp simd")                                                        \
+        for (int64_t i = 0; i < len; ++i) {                                        \
+            const float v = xs[i];                                                 \
+            int k = 0;                                                             \
+            float o = ll[0];                                                       \
+            for (int j = 0; j < (NT); ++j) {                                       \
+                const int above = !(v <= tt[j]);                                   \
+                k += above;                                                        \
+                o = above ? ll[j + 1] : o;                                         \
+            }                                                                      \
+            idx[i] = k;                                                            \
+            outs[i] = o;                                                           \
+        }                                                                          \
+    }
+
+static void level_span(const float* restrict xs, float* restrict outs, int32_t* restrict idx, int64_t len,
+                       const float* restrict lv, const float* restrict t, int64_t num_levels) {
+    switch (num_levels) {
+        case 2: LEVEL_SPAN(1) return;
+        case 3: LEVEL_SPAN(2) return;
+        case 4: LEVEL_SPAN(3) return;
+        case 8: LEVEL_SPAN(7) return;
+        case 16: LEVEL_SPAN(15) return;
+        default: break;
+    }
+    for (int64_t i = 0; i < len; ++i) { /* binary search: the first threshold >= v */
+        const float v = xs[i];
+        int64_t a = 0, b = num_levels - 1;
+        while (a < b) {
+            const int64_t mid = (a + b) / 2;
+            if (!(v <= t[mid])) a = mid + 1; else b = mid;
+        }
+        idx[i] = (int32_t)a;
+        outs[i] = lv[a];
+    }
+}
+
+/* Per-level count and sum of one span, into float partials (4 interleaved copies: consecutive elements
+ * at the same level do not wait for each other's stores). */
+static void level_stats(const float* restrict xs, const int32_t* restrict idx, int64_t len, int64_t num_levels,
+                        double* restrict counts, double* restrict sums) {
+    float c[4][256], s[4][256];
+    for (int u = 0; u < 4; ++u)
+        for (int64_t l = 0; l < num_levels; ++l) c[u][l] = 0.0f, s[u][l] = 0.0f;
+    int64_t i = 0;
+    for (; i + 4 <= len; i += 4)
+        for (int u = 0; u < 4; ++u) {
+            c[u][idx[i + u]] += 1.0f;
+            s[u][idx[i + u]] += xs[i + u];
+        }
+    for (; i < len; ++i) {
+        c[0][idx[i]] += 1.0f;
+        s[0][idx[i]] += xs[i];
+    }
+    for (int64_t l = 0; l < num_levels; ++l) {
+        counts[l] = (double)c[0][l] + (double)c[1][l] + (double)c[2][l] + (double)c[3][l];
+        sums[l] = ((double)s[0][l] + (double)s[1][l]) + ((double)s[2][l] + (double)s[3][l]);
+    }
+}
+
+/* Returns 0, or -1 when a scratch allocation failed (nothing written to counts/sums then). */
+int mq_nearest_level(const float* restrict x, float* restrict out, int64_t rows, int64_t groups, int64_t m,
+                     const float* levels, const float* thresholds, int64_t num_levels, double* counts,
+                     double* sums, int threads) {
+    const int64_t nt = num_levels - 1;
+    const int64_t spans_per_row = (m + BLOCK - 1) / BLOCK;
+    const int64_t spans = rows * spans_per_row;
+    double* partial = NULL;
+    if (counts != NULL) {
+        partial = (double*)malloc(sizeof(double) * 2 * (size_t)num_levels * (size_t)spans);
+        if (partial == NULL) return -1;
+    }
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t sp = 0; sp < spans; ++sp) {
+        int32_t idx[BLOCK];
+        const int64_t r = sp / spans_per_row, g = r % groups;
+        const int64_t lo = (sp % spans_per_row) * BLOCK, hi = lo + BLOCK < m ? lo + BLOCK : m;
+        const float* xs = x + r * m + lo;
+        level_span(xs, out + r * m + lo, idx, hi - lo, levels + g * num_levels, thresholds + g * nt,
+                   num_levels);
+        if (partial != NULL)
+            level_stats(xs, idx, hi - lo, num_levels, partial + 2 * num_levels * sp,
+                        partial + 2 * num_levels * sp + num_levels);
+    }
+    if (partial != NULL) {
+        memset(counts, 0, sizeof(double) * (size_t)(groups * num_levels));
+        memset(sums, 0, sizeof(double) * (size_t)(groups * num_levels));
+        for (int64_t sp = 0; sp < spans; ++sp) {
+            const int64_t g = (sp / spans_per_row) % groups;
+            for (int64_t l = 0; l < num_levels; ++l) {
+                counts[g * num_levels + l] += partial[2 * num_levels * sp + l];
+                sums[g * num_levels + l] += partial[2 * num_levels * sp + num_levels + l];
+            }
+        }
+        free(partial);
+    }
+    return 0;
+}
 """
 
 # -ffp-contract=off: no fused multiply-add, so `q * s + beta` rounds exactly like the eager path.
@@ -246,6 +400,14 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.mq_clip_forward.restype = None
     lib.mq_clip_backward.argtypes = [p, p, p, i64, f32, i32]
     lib.mq_clip_backward.restype = ctypes.c_double
+    lib.mq_sign_forward.argtypes = [p, p, i64, i32]
+    lib.mq_sign_forward.restype = None
+    lib.mq_bireal_backward.argtypes = [p, p, p, i64, i32]
+    lib.mq_bireal_backward.restype = None
+    lib.mq_ste_backward.argtypes = [p, p, p, i64, f32, i32]
+    lib.mq_ste_backward.restype = None
+    lib.mq_nearest_level.argtypes = [p, p, i64, i64, i64, p, p, i64, p, p, i32]
+    lib.mq_nearest_level.restype = i32
     return lib
 
 

@@ -104,21 +104,15 @@ class LQNetQuantizer(Quantizer):
         return basis @ self.codes.to(basis.dtype).T
 
     def _assign(
-        self, xg: torch.Tensor, basis: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Nearest level of every element: (quantized values, sorted-level index, code order of levels)."""
+        self, xg: torch.Tensor, basis: torch.Tensor, statistics: bool = False
+    ) -> tuple[F.NearestLevels, torch.Tensor]:
+        """Nearest level of every element (with per-level statistics) and the code order of the sorted levels."""
         sorted_levels, order = self.levels(basis).sort(dim=1)
-        thresholds = (sorted_levels[:, 1:] + sorted_levels[:, :-1]) / 2
-        index = torch.searchsorted(thresholds.contiguous(), xg.contiguous())
-        return sorted_levels.gather(1, index), index, order
+        return F.nearest_level(xg, sorted_levels, statistics=statistics), order
 
-    def _fit_basis(self, xg: torch.Tensor, index: torch.Tensor, order: torch.Tensor, basis: torch.Tensor):
-        """Least-squares basis for the given assignment (all-reduced statistics), per group."""
-        groups, num_levels = order.shape
-        counts = torch.zeros(groups, num_levels, dtype=torch.float64, device=xg.device)
-        sums = torch.zeros_like(counts)
-        counts.scatter_add_(1, index, torch.ones_like(xg, dtype=torch.float64))
-        sums.scatter_add_(1, index, xg.to(torch.float64))
+    def _fit_basis(self, counts: torch.Tensor, sums: torch.Tensor, order: torch.Tensor, basis: torch.Tensor):
+        """Least-squares basis from the per-level counts and sums of an assignment (all-reduced), per group."""
+        groups = order.shape[0]
         codes = self.codes.to(torch.float64)[order]  # (groups, L, K'): codes of the sorted levels
         btb = torch.einsum("gl,glk,glj->gkj", counts, codes, codes)
         btx = torch.einsum("gl,glk->gk", sums, codes)
@@ -132,13 +126,14 @@ class LQNetQuantizer(Quantizer):
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         xg = self._groups(x.detach())
-        quantized, index, order = self._assign(xg, self.basis.to(x.dtype))
-        if self.training and not self.calibrating:  # calibrating: the basis is the mean of the fits
+        update = self.training and not self.calibrating  # calibrating: the basis is the mean of the fits
+        nearest, order = self._assign(xg, self.basis.to(x.dtype), statistics=update)
+        if update:
             with torch.no_grad():
-                fitted = self._fit_basis(xg, index, order, self.basis)
+                fitted = self._fit_basis(nearest.counts, nearest.sums, order, self.basis)
                 momentum = self.options.momentum
                 self.basis.mul_(momentum).add_(fitted, alpha=1.0 - momentum)
-        return F.straight_through(x, self._ungroup(quantized, x))
+        return F.straight_through(x, self._ungroup(nearest.values, x))
 
     def _degenerate(self, estimates: dict[str, torch.Tensor]) -> torch.Tensor:
         # All-zero groups keep the initial basis of mean|x| clamped to eps: entries of at most ~1.4 eps.
@@ -158,6 +153,6 @@ class LQNetQuantizer(Quantizer):
             a = mean_abs / 2 ** (k - 1) if self.signed else 2 * mean_abs / (2**k - 1)
             basis = a * powers
         for _ in range(self.init_iterations):
-            _, index, order = self._assign(xg, basis)
-            basis = self._fit_basis(xg, index, order, basis)
+            nearest, order = self._assign(xg, basis, statistics=True)
+            basis = self._fit_basis(nearest.counts, nearest.sums, order, basis)
         return {"basis": basis}

@@ -11,6 +11,7 @@ import torch
 
 from model_quantization import functional as F
 from model_quantization.kernels import cpu as cpu_kernels
+from tests.unit.quantizer_factory import make_quantizer
 
 HAVE_COMPILER = any(shutil.which(c) for c in ("cc", "gcc", "clang"))
 
@@ -139,3 +140,71 @@ def test_straight_through_returns_exact_values_and_identity_gradient(seed):
     assert torch.equal(out, torch.round(x.detach() * 3))
     out.sum().backward()
     assert torch.equal(x.grad, torch.full_like(x, 3.0))
+
+
+def _with_specials(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with NaN, +-inf, +-0 and the gradient kinks of the binary functions (|x| = 1) in it."""
+    flat = x.reshape(-1).clone()
+    flat[:8] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1.0, -1.0, 0.3])
+    return flat.reshape(x.shape)
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-identical floats (NaN equal to NaN, -0.0 different from +0.0)."""
+    return torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+@pytest.mark.parametrize("name", ["bireal", "ste_clip", "ste_clip_03", "ste_identity"])
+def test_binary_kernels_equal_the_eager_path_bit_for_bit(seed, kernels, name):
+    fn = {
+        "bireal": F.bireal_sign,
+        "ste_clip": lambda t: F.sign_ste(t, clip=1.0),
+        "ste_clip_03": lambda t: F.sign_ste(t, clip=0.3),
+        "ste_identity": lambda t: F.sign_ste(t, clip=None),
+    }[name]
+    x = _with_specials(torch.randn(3, 5, 7, 11) * 1.5)
+    grad = torch.randn_like(x)
+    fast, eager = _run(fn, x, [], grad, "auto"), _run(fn, x, [], grad, "eager")
+    assert _same_bits(fast[0], eager[0]) and _same_bits(fast[1], eager[1])
+    assert set(fast[0].unique().tolist()) == {-1.0, 1.0}
+
+
+@pytest.mark.parametrize("num_levels", [2, 3, 4, 8, 16, 5, 256])
+@pytest.mark.parametrize("groups", [1, 6])
+def test_nearest_level_kernel_equals_eager_values_counts_and_sums(seed, kernels, num_levels, groups):
+    m = random.Random(seed).choice([1, 7, 2048, 5000])
+    x = torch.randn(groups, m) * 2
+    levels = torch.randn(groups, num_levels).sort(dim=1).values
+    x[:, 0] = (levels[:, 0] + levels[:, 1]) / 2  # a value half-way: goes to the lower level
+    if m > 8:
+        x[0, 1:8] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e30, -1e30])
+    fast = F.nearest_level(x, levels, statistics=True)
+    with F.backend("eager"):
+        eager = F.nearest_level(x, levels, statistics=True)
+    assert fast.index is None, "the kernel ran"
+    assert _same_bits(fast.values, eager.values)
+    assert torch.equal(fast.counts, eager.counts)
+    finite = torch.isfinite(eager.sums)
+    assert torch.equal(finite, torch.isfinite(fast.sums))
+    terms = torch.zeros_like(eager.sums).scatter_add_(1, eager.index, x.abs().double().nan_to_num(0, 0, 0))
+    assert ((fast.sums - eager.sums).abs()[finite] <= 1e-6 * terms[finite] + 1e-9).all()
+    # Without statistics only the values (the evaluation path).
+    assert _same_bits(F.nearest_level(x, levels).values, eager.values)
+
+
+def test_lqnet_quantizer_on_the_kernel_matches_the_eager_path(seed, kernels):
+    fast = make_quantizer("lqnet", 4, True, momentum=0.5).train()
+    eager = make_quantizer("lqnet", 4, True, momentum=0.5).train()
+    for step in range(4):
+        x = torch.randn(4, 16, 9, 9) * (1 + step)
+        before = fast.basis.clone()
+        out_fast = fast(x)
+        with F.backend("eager"):
+            out_eager = eager(x)
+        if step > 0:  # the same basis in: the same levels out, bit for bit
+            assert _same_bits(out_fast, out_eager)
+            assert out_fast.unique().numel() <= 16
+        # Initial and refitted bases from the same data: equal to float precision (sums in another order).
+        torch.testing.assert_close(fast.basis, eager.basis, rtol=1e-6, atol=0)
+        assert not torch.equal(fast.basis, before), "training mode refits the basis"
+        eager.basis.copy_(fast.basis)
