@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .compile import compile_detector
 from .config import QuantizationConfig
 from .distillation import DISTILLERS, Distiller, distillation_losses
 
@@ -157,7 +158,9 @@ def _distill(model: nn.Module, cfg, config: QuantizationConfig) -> None:
 
 
 def attach_training_hooks(model: nn.Module, cfg, config: QuantizationConfig) -> None:
-    """Attach the configured training-time parts of the recipe (distillation, BN freezing) to ``model``."""
+    """Attach the configured training-time parts of the recipe (distillation, BN freezing, compilation)."""
+    if config.compile:  # MODEL.QUANTIZATION.COMPILE: compiled from the second batch on (see .compile)
+        compile_detector(model)
     if config.freeze_bn_after:
         _freeze_bn_statistics(model, cfg, config)
     if config.distillation is not None:

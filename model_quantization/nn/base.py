@@ -22,7 +22,6 @@ registered with :func:`register_quantized_module`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -141,18 +140,6 @@ class QuantizedModule:
         return _rebuild, key, self.__dict__
 
 
-@contextlib.contextmanager
-def _substitute_parameter(module: nn.Module, name: str, value: torch.Tensor) -> Iterator[None]:
-    """Make ``module.<name>`` resolve to ``value`` (a tensor computed from the parameter) inside the block."""
-    params = module._parameters
-    original = params[name]
-    params[name] = value
-    try:
-        yield
-    finally:
-        params[name] = original
-
-
 def _compact_saved_input(quantizer: Quantizer, quantized: torch.Tensor) -> contextlib.AbstractContextManager:
     """While the layer runs, autograd keeps its quantized input as the quantizer's compact codes.
 
@@ -203,9 +190,21 @@ class QuantizedWeightModule(QuantizedModule):
 
     def forward(self, input: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         input = self.input_quantizer(input)
+        if torch.compiler.is_compiling():
+            # Under torch.compile the compiler decides what backward keeps (it may recompute the fake-quant
+            # rather than saving its output), and saved-tensor hooks would break the graph.
+            return self._forward_with_quantized_weight(input, args, kwargs)
         with _compact_saved_input(self.input_quantizer, input):
-            if not self.weight_quantizer.enabled:
-                return super().forward(input, *args, **kwargs)
-            weight = self.weight_quantizer(self._parameters["weight"])
-            with _substitute_parameter(self, "weight", weight):
-                return super().forward(input, *args, **kwargs)
+            return self._forward_with_quantized_weight(input, args, kwargs)
+
+    def _forward_with_quantized_weight(self, input: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        if not self.weight_quantizer.enabled:
+            return super().forward(input, *args, **kwargs)
+        # The substitution lives in _parameters for this call only (try/finally: torch.compile traces it).
+        params = self._parameters
+        original = params["weight"]
+        params["weight"] = self.weight_quantizer(original)
+        try:
+            return super().forward(input, *args, **kwargs)
+        finally:
+            params["weight"] = original
