@@ -1,22 +1,29 @@
-"""``python -m demo`` (what ``nox -s demo`` runs): float vs LSQ 4/3/2-bit detectors.
+"""``python -m demo`` (what ``nox -s demo`` runs): float vs LSQ 4/3/2-bit and PTQ detectors.
 
 Trains a float RetinaNet R-18 and FCOS R-18 on the embedded shapes dataset, fine-tunes LSQ 4-, 3- and
-2-bit versions of each from the float weights, evaluates all with COCOEvaluator and writes, under the
-output directory: ``results.md`` / ``results.json`` (the table), ``ap_vs_bits.png``, ``loss_curves.png``,
-``log.txt`` (detectron2's full log) and ``runs/<model>/<variant>/`` (weights, metrics, config).
+2-bit versions of each from the float weights, calibrates 8/8 and 4/8 post-training-quantized versions,
+evaluates all with COCOEvaluator and writes, under the output directory: ``results.md`` /
+``results.json`` (the table), ``ap_vs_bits.png``, ``loss_curves.png``, ``log.txt`` (detectron2's full log)
+and ``runs/<model>/<variant>/`` (weights, metrics, config).
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
-import sys
-import time
-from pathlib import Path
+from .threads import default_thread_settings
 
-from .plan import MODELS, MODES, ROOT, Mode, Variant, variants
-from .report import markdown_table, plot_ap_vs_bits, plot_loss_curves, write_table
-from .run import PhaseResult, build_cfg, run_variant
+default_thread_settings()  # before torch is imported: OpenMP reads its settings when it loads
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from .plan import MODELS, MODES, ROOT, Mode, Variant, variants  # noqa: E402
+from .report import markdown_table, plot_ap_vs_bits, plot_loss_curves, write_table  # noqa: E402
+from .run import PhaseResult, build_cfg, run_variant  # noqa: E402
 
 logger = logging.getLogger("demo")
 
@@ -25,6 +32,7 @@ logger = logging.getLogger("demo")
 PRIOR_FLOAT_SECONDS_PER_ITER = 0.2
 PRIOR_QAT_OVER_FLOAT = 1.3
 PRIOR_EVAL_SECONDS = 8.0
+PRIOR_CALIBRATION_SECONDS = 30.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,12 +68,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="train the float models again even when a run with the same config hash is cached",
     )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="detectron2's SEED for every run (default 0: the README's table)"
+    )
     args = parser.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in args.models if m not in MODELS]
     if unknown or not args.models:
         parser.error(f"--models: unknown {unknown or 'empty list'}; choose from {', '.join(MODELS)}")
+    if args.output_dir is not None:
+        problem = _unwritable(args.output_dir)
+        if problem:
+            parser.error(f"--output-dir {args.output_dir}: {problem}")
     return args
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why results cannot be written under `path` (None when they can); creates nothing."""
+    path = path.expanduser()
+    if path.exists() and not path.is_dir():
+        return "exists and is not a directory"
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir():
+        return f"{existing} is not a directory"
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        return f"cannot write in {existing} ({exc.strerror or exc})"
+    return None
 
 
 def _setup_logging(output_dir: Path) -> None:
@@ -74,7 +105,7 @@ def _setup_logging(output_dir: Path) -> None:
     from detectron2.utils.logger import setup_logger
 
     log_file = output_dir / "log.txt"
-    for name in ("detectron2", "adet", "fvcore", "model_quantization", "d2"):
+    for name in ("detectron2", "adet", "fvcore", "model_quantization", "d2", "demo"):
         setup_logger(output=str(log_file), name=name, abbrev_name=name, configure_stdout=False)
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(logging.Formatter("[%(asctime)s %(name)s] %(message)s", "%H:%M:%S"))
@@ -90,9 +121,10 @@ def _clock(seconds: float) -> str:
 class Progress:
     """The one-line-per-phase progress with an ETA from the speeds measured so far."""
 
-    def __init__(self, plan: list[Variant], mode: Mode) -> None:
+    def __init__(self, plan: list[Variant], mode: Mode, iterations: dict[str, int]) -> None:
         self.plan = plan
         self.mode = mode
+        self.iterations = iterations
         self.start = time.perf_counter()
         self.float_speed = PRIOR_FLOAT_SECONDS_PER_ITER
         self.qat_speed = PRIOR_FLOAT_SECONDS_PER_ITER * PRIOR_QAT_OVER_FLOAT
@@ -100,17 +132,20 @@ class Progress:
         self.qat_measured = False
 
     def _estimate(self, variant: Variant) -> float:
-        iterations = self.mode.float_iters if variant.from_scratch else self.mode.quant_iters
+        if variant.kind == "calibrate":
+            return PRIOR_CALIBRATION_SECONDS + self.eval_seconds
         speed = self.qat_speed if variant.quantized else self.float_speed
-        return (iterations or 0) * speed + self.eval_seconds
+        return self.iterations[variant.key] * speed + self.eval_seconds
 
     def begin(self, index: int, variant: Variant) -> None:
         elapsed = time.perf_counter() - self.start
         remaining = sum(self._estimate(v) for v in self.plan[index:])
-        iterations = self.mode.float_iters if variant.from_scratch else self.mode.quant_iters
-        what = "train from scratch" if variant.from_scratch else f"fine-tune from {variant.parent}"
-        length = f"{iterations} it" if iterations else "config schedule"
-        eta = f", ETA {_clock(remaining)}" if self.mode.float_iters else ""
+        if variant.kind == "calibrate":
+            what, length = f"calibrate from {variant.parent}", "no training"
+        else:
+            what = "train from scratch" if variant.from_scratch else f"fine-tune from {variant.parent}"
+            length = f"{self.iterations[variant.key]} it"
+        eta = f", ETA {_clock(remaining)}" if self.mode.family == "shapes" else ""
         logger.info(f"[demo {index + 1}/{len(self.plan)}] {variant.model} {variant.bits_label}: {what} "
                     f"({length}) | elapsed {_clock(elapsed)}{eta}")  # fmt: skip
 
@@ -118,7 +153,9 @@ class Progress:
         if result.cached:
             logger.info(f"    reused the cached run ({result.config_hash}): AP {result.AP:.1f}")
             return
-        if not variant.quantized:
+        if variant.kind == "calibrate":
+            pass
+        elif not variant.quantized:
             self.float_speed = result.seconds_per_iter
             if not self.qat_measured:
                 self.qat_speed = result.seconds_per_iter * PRIOR_QAT_OVER_FLOAT
@@ -132,7 +169,7 @@ class Progress:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    mode = MODES[args.mode]
+    mode = dataclasses.replace(MODES[args.mode], seed=args.seed)
     plan = variants(mode, args.models)
     output_dir = (args.output_dir or ROOT / "output" / "demo" / mode.name).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -142,13 +179,14 @@ def main(argv: list[str] | None = None) -> int:
 
     if mode.family == "coco":
         _check_full_inputs(plan, mode)
-    progress = Progress(plan, mode)
-    logger.info(f"demo ({mode.name}): {len(plan)} runs; results in {output_dir}")
+    iterations = {v.key: build_cfg(v, mode, None, output_dir).SOLVER.MAX_ITER for v in plan}
+    progress = Progress(plan, mode, iterations)
+    logger.info(f"demo ({mode.name}, seed {mode.seed}): {len(plan)} runs; results in {output_dir}")
     results: dict[str, PhaseResult] = {}
     for index, variant in enumerate(plan):
         progress.begin(index, variant)
         parent = results[variant.parent] if variant.parent else None
-        result = run_variant(variant, mode, output_dir, parent, reuse_float=not args.retrain_float)
+        result = run_variant(variant, mode, output_dir, parent, reuse=not args.retrain_float)
         results[variant.key] = result
         progress.done(variant, result)
 
@@ -156,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - progress.start
     dataset = ", ".join(build_cfg(plan[0], mode, None, output_dir).DATASETS.TEST)
     md, js = write_table(rows, output_dir, {"mode": mode.name, "wall_seconds": round(wall, 1),
-                                            "test_dataset": dataset})  # fmt: skip
+                                            "test_dataset": dataset, "seed": mode.seed})  # fmt: skip
     plot_ap_vs_bits(rows, output_dir / "ap_vs_bits.png", dataset)
     plot_loss_curves(rows, output_dir / "runs", output_dir / "loss_curves.png")
     print("\n" + markdown_table(rows))

@@ -1,9 +1,9 @@
-"""What the demo runs: the models, their float and quantized variants, and a schedule per mode.
+"""What the demo runs: the models, their float, QAT and PTQ variants, and how each mode runs them.
 
-A *variant* is one row of the result table: a config file plus the variant it starts from (quantized
-variants fine-tune the float model's final weights, with data-driven LSQ step initialisation). A *mode*
-scales the schedule: ``quick`` (a smoke run for tests), ``default`` (the README's numbers, 2 CPU cores)
-and ``full`` (the COCO recipes in ``configs/*/coco``, for a GPU).
+A *variant* is one row of the result table: a config file, how the row is produced (trained from scratch,
+fine-tuned from another row's weights, or calibrated from them without training) and the row it starts
+from. Schedules live in the configs only: the default mode trains exactly what ``train_net.py`` would
+with the same config; ``quick`` scales them down for a smoke run; ``full`` runs the COCO configs.
 """
 
 from __future__ import annotations
@@ -15,9 +15,12 @@ from pathlib import Path
 from model_quantization.footprint import FLOAT_BITS
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
 
-__all__ = ["MODELS", "MODES", "Mode", "ModelPlan", "Variant", "variants"]
+__all__ = ["KINDS", "MODELS", "MODES", "Mode", "ModelPlan", "Variant", "variants"]
+
+#: How a row is produced: trained (from scratch without a parent, else fine-tuned from the parent's
+#: weights) or calibrated from the parent's weights without training (post-training quantization).
+KINDS = ("train", "calibrate")
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,7 @@ class Variant:
         weight_bits, activation_bits: the bit widths of the bulk of the layers (32 = float).
         note: what differs from plain W/A bits (e.g. 8-bit first/last layers), shown in the table.
         parent: key of the variant whose final weights this one starts from (None: from scratch).
+        kind: ``train`` or ``calibrate`` (see :data:`KINDS`).
         adelaidet: the config uses AdelaiDet's defaults (``adet.config.get_cfg``).
         opts: extra config overrides (``merge_from_list`` pairs).
     """
@@ -42,12 +46,13 @@ class Variant:
     activation_bits: int
     note: str = ""
     parent: str | None = None
+    kind: str = "train"
     adelaidet: bool = False
     opts: tuple = ()
 
     @property
     def from_scratch(self) -> bool:
-        """Trained from scratch with the float schedule (otherwise fine-tuned with the QAT schedule)."""
+        """Trained from scratch (no parent)."""
         return self.parent is None
 
     @property
@@ -62,21 +67,30 @@ class Variant:
 
 @dataclass(frozen=True)
 class ModelPlan:
-    """A detector and the configs of its variants, per config family (``shapes`` or ``coco``)."""
+    """A detector and the configs of its variants, per config family (``shapes`` or ``coco``).
+
+    Attributes:
+        configs: family -> (float config, {bits: QAT config}, {(w, a) bits: PTQ config}).
+    """
 
     name: str
     model: str
     adelaidet: bool
-    #: family -> (float config, {bits: (quantized config, note)})
-    configs: dict[str, tuple[str, dict[int, tuple[str, str]]]]
+    configs: dict[str, tuple[str, dict[int, str], dict[tuple[int, int], str]]]
 
 
 #: What the quantized rows keep at 8 bits besides the bulk of the layers (the configs' "mixed" recipe).
 MIXED = "8-bit stem, predictors, sums"
+#: The PTQ rows: no training, per-channel weights.
+PTQ = "PTQ, no training"
 
 
-def _mixed(prefix: str) -> dict[int, tuple[str, str]]:
-    return {bits: (prefix.format(bits=bits), MIXED) for bits in (4, 3, 2)}
+def _family(float_config: str, qat: str, ptq: str) -> tuple[str, dict[int, str], dict[tuple[int, int], str]]:
+    return (
+        float_config,
+        {bits: qat.format(bits=bits) for bits in (4, 3, 2)},
+        {bits: ptq.format(w=bits[0], a=bits[1]) for bits in ((8, 8), (4, 8))},
+    )
 
 
 MODELS: dict[str, ModelPlan] = {
@@ -85,13 +99,15 @@ MODELS: dict[str, ModelPlan] = {
         model="RetinaNet R-18",
         adelaidet=False,
         configs={
-            "shapes": (
+            "shapes": _family(
                 "detectron2/shapes/retinanet_R_18_FPN_fullbn_float.yaml",
-                _mixed("detectron2/shapes/retinanet_R_18_FPN_fullbn_lsq_w{bits}a{bits}_mixed.yaml"),
+                "detectron2/shapes/retinanet_R_18_FPN_fullbn_lsq_w{bits}a{bits}_mixed.yaml",
+                "detectron2/shapes/retinanet_R_18_FPN_fullbn_ptq_w{w}a{a}.yaml",
             ),
-            "coco": (
+            "coco": _family(
                 "detectron2/coco/retinanet_R_18_FPN_1x_fullbn_float.yaml",
-                _mixed("detectron2/coco/retinanet_R_18_FPN_1x_fullbn_lsq_w{bits}a{bits}_mixed.yaml"),
+                "detectron2/coco/retinanet_R_18_FPN_1x_fullbn_lsq_w{bits}a{bits}_mixed.yaml",
+                "detectron2/coco/retinanet_R_18_FPN_1x_fullbn_ptq_w{w}a{a}.yaml",
             ),
         },
     ),
@@ -100,13 +116,15 @@ MODELS: dict[str, ModelPlan] = {
         model="FCOS R-18",
         adelaidet=True,
         configs={
-            "shapes": (
+            "shapes": _family(
                 "AdelaiDet/shapes/fcos_R_18_FPN_fullbn_float.yaml",
-                _mixed("AdelaiDet/shapes/fcos_R_18_FPN_fullbn_lsq_w{bits}a{bits}_mixed.yaml"),
+                "AdelaiDet/shapes/fcos_R_18_FPN_fullbn_lsq_w{bits}a{bits}_mixed.yaml",
+                "AdelaiDet/shapes/fcos_R_18_FPN_fullbn_ptq_w{w}a{a}.yaml",
             ),
-            "coco": (
+            "coco": _family(
                 "AdelaiDet/coco/fcos_R_18_1x_fullbn_float.yaml",
-                _mixed("AdelaiDet/coco/fcos_R_18_1x_fullbn_lsq_w{bits}a{bits}_mixed.yaml"),
+                "AdelaiDet/coco/fcos_R_18_1x_fullbn_lsq_w{bits}a{bits}_mixed.yaml",
+                "AdelaiDet/coco/fcos_R_18_1x_fullbn_ptq_w{w}a{a}.yaml",
             ),
         },
     ),
@@ -115,15 +133,19 @@ MODELS: dict[str, ModelPlan] = {
 
 @dataclass(frozen=True)
 class Mode:
-    """How long each phase trains, and on what.
+    """How each variant runs.
 
     Attributes:
         name: ``quick``, ``default`` or ``full``.
         family: config family (``shapes`` or ``coco``).
-        float_iters, quant_iters: iterations of the float run and of each quantized fine-tune; None keeps
-            the config's own schedule (``full``).
+        float_iters, quant_iters: iterations of the float run and of each fine-tune; None keeps the
+            config's own schedule (``default`` and ``full``: the schedule lives in the configs).
         test_dataset: evaluation split (None: the config's ``DATASETS.TEST``).
         device: ``cpu`` for the CPU modes; None keeps the config's ``MODEL.DEVICE``.
+        calibration_images: images a PTQ row calibrates on (None: the config's recipe, 256).
+        train_dataset: training split (None: the config's ``DATASETS.TRAIN``).
+        seed: detectron2's ``SEED`` (data order, initialisation, augmentation): a re-run reproduces the
+            table.
     """
 
     name: str
@@ -132,17 +154,23 @@ class Mode:
     quant_iters: int | None
     test_dataset: str | None
     device: str | None
+    calibration_images: int | None = None
+    train_dataset: str | None = None
+    seed: int = 0
 
-    def schedule_opts(self, variant: Variant) -> list:
-        """Config overrides (``merge_from_list`` pairs) that scale the schedule of `variant`."""
-        scratch = variant.from_scratch
-        iters = self.float_iters if scratch else self.quant_iters
-        opts: list = list(variant.opts)
-        if iters is not None:
+    def opts(self, variant: Variant) -> list:
+        """Config overrides (``merge_from_list`` pairs) of `variant` in this mode."""
+        iters = self.float_iters if variant.from_scratch else self.quant_iters
+        opts: list = list(variant.opts) + ["SEED", self.seed]
+        if iters is not None and variant.kind == "train":
             # The config's LR-decay points keep their relative position in the shorter schedule.
-            steps = (round(iters * 0.75), round(iters * 0.9)) if scratch else (round(iters * 0.75),)
-            warmup = min(50 if scratch else 20, max(iters // 10, 1))
+            steps = (
+                (round(iters * 0.75), round(iters * 0.9)) if variant.from_scratch else (round(iters * 0.75),)
+            )
+            warmup = min(50 if variant.from_scratch else 20, max(iters // 10, 1))
             opts += ["SOLVER.MAX_ITER", iters, "SOLVER.STEPS", steps, "SOLVER.WARMUP_ITERS", warmup]
+        if self.train_dataset is not None:
+            opts += ["DATASETS.TRAIN", (self.train_dataset,)]
         if self.test_dataset is not None:
             opts += ["DATASETS.TEST", (self.test_dataset,)]
         if self.device is not None:
@@ -152,40 +180,46 @@ class Mode:
 
 MODES: dict[str, Mode] = {
     "quick": Mode("quick", "shapes", float_iters=40, quant_iters=10, test_dataset="shapes_quick_val",
-                  device="cpu"),
-    "default": Mode("default", "shapes", float_iters=800, quant_iters=200, test_dataset=None,
-                    device="cpu"),
+                  device="cpu", calibration_images=16),
+    "default": Mode("default", "shapes", float_iters=None, quant_iters=None, test_dataset=None, device="cpu"),
     "full": Mode("full", "coco", float_iters=None, quant_iters=None, test_dataset=None, device=None),
 }  # fmt: skip
 
 
 def variants(
-    mode: Mode, models: list[str] | tuple[str, ...] = tuple(MODELS), bits=(4, 3, 2)
+    mode: Mode, models: list[str] | tuple[str, ...] = tuple(MODELS), bits=(4, 3, 2), ptq=((8, 8), (4, 8))
 ) -> list[Variant]:
     """The rows the demo runs, in run order, per model: the float run from scratch; the same model
     fine-tuned with exactly the QAT schedule and quantization off (the like-for-like reference: the
-    quantized rows train that much longer than the float run); then the quantized fine-tunes."""
+    quantized rows train that much longer than the float run); the QAT fine-tunes; the PTQ rows."""
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         raise ValueError(f"unknown demo model(s) {unknown}; choose from {sorted(MODELS)}")
     out: list[Variant] = []
     for name in models:
         plan = MODELS[name]
-        float_config, quantized = plan.configs[mode.family]
+        float_config, quantized, calibrated = plan.configs[mode.family]
         base = Variant(
             key=f"{name}/float", model=plan.model, config=Path("configs") / float_config,
-            weight_bits=32, activation_bits=32, adelaidet=plan.adelaidet,
+            weight_bits=FLOAT_BITS, activation_bits=FLOAT_BITS, adelaidet=plan.adelaidet,
         )  # fmt: skip
         out.append(base)
-        reference_config, _ = quantized[max(quantized)]
         out.append(
             dataclasses.replace(
                 base,
                 key=f"{name}/float_finetuned",
-                config=Path("configs") / reference_config,
+                config=Path("configs") / quantized[max(quantized)],
                 note="fine-tuned like the QAT rows",
                 parent=base.key,
-                opts=("MODEL.QUANTIZATION.ENABLED", False),
+                # The QAT schedule with quantization (and what only applies to it) off.
+                opts=(
+                    "MODEL.QUANTIZATION.ENABLED",
+                    False,
+                    "MODEL.QUANTIZATION.DISTILLATION.ENABLED",
+                    False,
+                    "MODEL.QUANTIZATION.REINIT_QUANTIZERS",
+                    False,
+                ),
             )  # fmt: skip
         )
         for b in bits:
@@ -193,16 +227,28 @@ def variants(
                 raise ValueError(
                     f"{name}: no {b}-bit config in the {mode.family!r} family; have {sorted(quantized)}"
                 )
-            config, note = quantized[b]
             out.append(
                 dataclasses.replace(
                     base,
                     key=f"{name}/lsq_w{b}a{b}",
-                    config=Path("configs") / config,
+                    config=Path("configs") / quantized[b],
                     weight_bits=b,
                     activation_bits=b,
-                    note=note,
+                    note=MIXED,
                     parent=base.key,
+                )  # fmt: skip
+            )
+        for w, a in ptq:
+            out.append(
+                dataclasses.replace(
+                    base,
+                    key=f"{name}/ptq_w{w}a{a}",
+                    config=Path("configs") / calibrated[(w, a)],
+                    weight_bits=w,
+                    activation_bits=a,
+                    note=PTQ,
+                    parent=base.key,
+                    kind="calibrate",
                 )  # fmt: skip
             )
     return out

@@ -15,12 +15,22 @@ COLUMNS = ("model", "bits W/A", "AP", "AP50", "AP75", "ΔAP", "iterations", "s/i
 
 
 def reference_ap(results: list[PhaseResult]) -> dict[str, float]:
-    """Per model, the AP its quantized rows are compared with: the float model fine-tuned with the QAT
-    schedule when the table has that row (like for like), else the float model."""
-    reference: dict[str, float] = {}
+    """Per row key, the AP a quantized row is compared with. A QAT row: the float model fine-tuned with
+    the QAT schedule when the table has that row (like for like), else the float model. A PTQ row: the
+    float model it was calibrated from (no training on either side)."""
+    by_key = {r.key: r for r in results}
+    float_ap: dict[str, float] = {}
     for r in results:
-        if r.weight_bits == FLOAT_BITS and (r.model not in reference or r.parent is not None):
-            reference[r.model] = r.AP
+        if r.weight_bits == FLOAT_BITS and (r.model not in float_ap or r.parent is not None):
+            float_ap[r.model] = r.AP
+    reference = {}
+    for r in results:
+        if r.weight_bits == FLOAT_BITS:
+            continue
+        if r.kind == "calibrate" and r.parent in by_key:
+            reference[r.key] = by_key[r.parent].AP
+        elif r.model in float_ap:
+            reference[r.key] = float_ap[r.model]
     return reference
 
 
@@ -29,17 +39,22 @@ def _rows(results: list[PhaseResult]) -> list[list[str]]:
     by_key = {r.key: r for r in results}
     rows = []
     for r in results:
-        quantized = r.weight_bits != FLOAT_BITS and r.model in reference
-        delta = f"{r.AP - reference[r.model]:+.1f}" if quantized else ""
+        delta = f"{r.AP - reference[r.key]:+.1f}" if r.key in reference else ""
         # fine-tunes show the iterations of the run they start from, too: "800 + 200"
-        iterations = (
-            f"{by_key[r.parent].iterations} + {r.iterations}" if r.parent in by_key else str(r.iterations)
-        )
+        if r.kind == "calibrate":
+            iterations = (
+                f"{by_key[r.parent].iterations} + no training" if r.parent in by_key else "no training"
+            )
+        elif r.parent in by_key:
+            iterations = f"{by_key[r.parent].iterations} + {r.iterations}"
+        else:
+            iterations = str(r.iterations)
         iterations += " (cached)" if r.cached else ""
+        speed = "-" if r.kind == "calibrate" else f"{r.seconds_per_iter:.3f}"
         rows.append(
             [
-                r.model, r.bits, f"{r.AP:.1f}", f"{r.AP50:.1f}", f"{r.AP75:.1f}", delta, iterations,
-                f"{r.seconds_per_iter:.3f}", f"{r.size_mb:.2f}",
+                r.model, r.bits, f"{r.AP:.1f}", f"{r.AP50:.1f}", f"{r.AP75:.1f}", delta, iterations, speed,
+                f"{r.size_mb:.2f}",
             ]
         )  # fmt: skip
     return rows
@@ -96,9 +111,16 @@ def plot_ap_vs_bits(results: list[PhaseResult], path: Path, dataset: str) -> Pat
     for index, model in enumerate(models):
         color = f"C{index}"
         rows = [r for r in results if r.model == model]
-        quantized = sorted((r for r in rows if r.weight_bits != FLOAT_BITS), key=lambda r: r.weight_bits)
+        quantized = sorted(
+            (r for r in rows if r.weight_bits != FLOAT_BITS and r.kind != "calibrate"),
+            key=lambda r: r.weight_bits,
+        )
         ax.plot([r.weight_bits for r in quantized], [r.AP for r in quantized], "o-", color=color,
                 label=f"{model} LSQ")  # fmt: skip
+        calibrated = [r for r in rows if r.kind == "calibrate"]
+        if calibrated:
+            ax.plot([r.weight_bits for r in calibrated], [r.AP for r in calibrated], "s", color=color,
+                    fillstyle="none", label=f"{model} PTQ (W bits, 8-bit A)")  # fmt: skip
         for r in rows:
             if r.weight_bits == FLOAT_BITS:
                 style, what = (":", "float") if r.parent is None else ("--", "float, fine-tuned")

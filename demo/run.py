@@ -1,4 +1,4 @@
-"""Train and evaluate one demo variant with detectron2's trainer; cache float runs by config hash."""
+"""Produce and evaluate one demo variant with detectron2's trainer; cache runs by config hash."""
 
 from __future__ import annotations
 
@@ -20,14 +20,17 @@ __all__ = ["CACHE_VERSION", "PhaseResult", "build_cfg", "config_hash", "run_vari
 
 logger = logging.getLogger("demo")
 
-#: Bump when the way a float run is produced changes in a way its config does not show.
-CACHE_VERSION = 1
+#: Bump when the way a run is produced changes in a way its config does not show.
+CACHE_VERSION = 2
 METRICS = ("AP", "AP50", "AP75")
 
 
 @dataclass
 class PhaseResult:
-    """What one variant measured. Written as ``result.json`` next to its weights."""
+    """What one variant measured. Written as ``result.json`` next to its weights.
+
+    ``iterations`` is 0 for a calibrated (PTQ) row; its ``train_seconds`` is the calibration time.
+    """
 
     key: str
     model: str
@@ -45,6 +48,8 @@ class PhaseResult:
     config_hash: str
     parent: str | None = None
     cached: bool = False
+    kind: str = "train"
+    seed: int = 0
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -59,7 +64,7 @@ def build_cfg(variant: Variant, mode: Mode, weights: str | None, output_dir: Pat
         from detectron2.config import get_cfg
     cfg = get_cfg()
     cfg.merge_from_file(str(ROOT / variant.config))
-    opts = mode.schedule_opts(variant)
+    opts = mode.opts(variant)
     if weights is not None:
         opts += ["MODEL.WEIGHTS", weights]
     cfg.merge_from_list(opts + ["OUTPUT_DIR", str(output_dir)])
@@ -67,9 +72,10 @@ def build_cfg(variant: Variant, mode: Mode, weights: str | None, output_dir: Pat
     return cfg
 
 
-def config_hash(cfg, parent_hash: str = "") -> str:
+def config_hash(cfg, parent_hash: str = "", extra: str = "") -> str:
     """Hash of everything that determines a run's result: the config (minus where it is written), the
-    definition of every shapes split it reads, and the hash of the run whose weights it starts from."""
+    definition of every shapes split it reads, the hash of the run whose weights it starts from, and
+    `extra` (what the config does not say, e.g. a PTQ row's number of calibration images)."""
     from detectron2.data import MetadataCatalog
 
     clone = cfg.clone()
@@ -77,7 +83,7 @@ def config_hash(cfg, parent_hash: str = "") -> str:
     clone.OUTPUT_DIR = ""
     datasets = [*clone.DATASETS.TRAIN, *clone.DATASETS.TEST]
     specs = [repr(MetadataCatalog.get(name).get("shapes_spec", name)) for name in datasets]
-    payload = json.dumps([CACHE_VERSION, clone.dump(), specs, parent_hash])
+    payload = json.dumps([CACHE_VERSION, clone.dump(), specs, parent_hash, extra])
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
@@ -88,15 +94,24 @@ def _trainer_class(adelaidet: bool, write_period: int, print_period: int):
 
     class DemoTrainer(DefaultTrainer):
         """detectron2's DefaultTrainer (AdelaiDet's train loader for AdelaiDet models) with the demo's
-        hooks: timing, LR schedule, ``metrics.json`` every `write_period` iterations (the loss curves)
-        and a console line every `print_period`; checkpointing and evaluation happen once, after
-        training."""
+        hooks: timing, LR schedule, PreciseBN after the last iteration when ``TEST.PRECISE_BN`` says so
+        (BN statistics re-estimated on training batches), ``metrics.json`` every `write_period`
+        iterations (the loss curves) and a console line every `print_period`; checkpointing and
+        evaluation happen once, after training."""
 
         def build_hooks(self):
             metrics = os.path.join(self.cfg.OUTPUT_DIR, "metrics.json")
+            precise_bn = []
+            if self.cfg.TEST.PRECISE_BN.ENABLED:
+                loader_cfg = self.cfg.clone()
+                loader_cfg.defrost()
+                loader_cfg.DATALOADER.NUM_WORKERS = 0
+                loader = self.build_train_loader(loader_cfg)
+                precise_bn = [hooks.PreciseBN(0, self.model, loader, self.cfg.TEST.PRECISE_BN.NUM_ITER)]
             return [
                 hooks.IterationTimer(),
                 hooks.LRScheduler(),
+                *precise_bn,
                 hooks.PeriodicWriter([JSONWriter(metrics, window_size=write_period)], period=write_period),
                 hooks.PeriodicWriter([CommonMetricPrinter(self.max_iter)], period=print_period),
             ]
@@ -117,10 +132,15 @@ def _trainer_class(adelaidet: bool, write_period: int, print_period: int):
     return DemoTrainer
 
 
-def _train_and_evaluate(variant: Variant, cfg, write_period: int, print_period: int) -> dict:
+def _evaluate(trainer_class, cfg, model) -> tuple[dict, float]:
+    start = time.perf_counter()
+    bbox = trainer_class.test(cfg, model)["bbox"]
+    return {k: float(bbox[k]) for k in METRICS}, time.perf_counter() - start
+
+
+def _train(variant: Variant, cfg, trainer_class) -> dict:
     from detectron2.checkpoint import DetectionCheckpointer
 
-    trainer_class = _trainer_class(variant.adelaidet, write_period, print_period)
     trainer = trainer_class(cfg)
     trainer.resume_or_load(resume=False)
     start = time.perf_counter()
@@ -130,13 +150,9 @@ def _train_and_evaluate(variant: Variant, cfg, write_period: int, print_period: 
     times = trainer.storage.history("time").values()
     steady = [t for t, _ in times[min(5, len(times) - 1) :]]
     DetectionCheckpointer(trainer.model, save_dir=cfg.OUTPUT_DIR).save("model_final")
-
-    start = time.perf_counter()
-    results = trainer_class.test(cfg, trainer.model)
-    eval_seconds = time.perf_counter() - start
-    bbox = results["bbox"]
+    metrics, eval_seconds = _evaluate(trainer_class, cfg, trainer.model)
     return {
-        **{k: float(bbox[k]) for k in METRICS},
+        **metrics,
         "iterations": cfg.SOLVER.MAX_ITER,
         "seconds_per_iter": statistics.median(steady) if steady else float("nan"),
         "train_seconds": train_seconds,
@@ -145,35 +161,57 @@ def _train_and_evaluate(variant: Variant, cfg, write_period: int, print_period: 
     }
 
 
+def _calibrate(cfg, trainer_class, num_images: int | None) -> dict:
+    """Post-training quantization: calibrate the parent's float weights, save, evaluate."""
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    from model_quantization.calibrate import calibrate_detector, load_float_weights
+
+    model = trainer_class.build_model(cfg)
+    load_float_weights(model, cfg.MODEL.WEIGHTS)
+    start = time.perf_counter()
+    report = calibrate_detector(cfg, model, num_images=num_images, seed=cfg.SEED)
+    calibrate_seconds = time.perf_counter() - start
+    logger.info(f"    {report}")
+    DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).save("model_final")
+    metrics, eval_seconds = _evaluate(trainer_class, cfg, model)
+    return {
+        **metrics,
+        "iterations": 0,
+        "seconds_per_iter": 0.0,
+        "train_seconds": calibrate_seconds,
+        "eval_seconds": eval_seconds,
+        "size_mb": parameter_megabytes(model),
+    }
+
+
 def run_variant(
     variant: Variant,
     mode: Mode,
     output_root: Path,
     parent: PhaseResult | None,
-    reuse_float: bool = True,
+    reuse: bool = True,
+    cache_quantized: bool = False,
     write_period: int = 10,
     print_period: int = 50,
 ) -> PhaseResult:
-    """Train and evaluate `variant`; returns its row.
+    """Produce and evaluate `variant`; returns its row.
 
-    Float variants are cached under ``<output_root>/cache/<key>-<config hash>``: a later run whose
-    config (and parent run) hashes the same reuses the weights and the row instead of training again
-    (unless ``reuse_float`` is False). Every variant's run (``config.yaml``, ``metrics.json``, weights,
-    ``result.json``) ends up in ``<output_root>/runs/<key>``; `parent` is the result of the run whose
-    weights it starts from.
+    Runs are cached under ``<output_root>/cache/<key>-<config hash>``: float runs always, quantized ones
+    with ``cache_quantized`` (the study, which re-runs many variants). A later run whose config (and
+    parent run) hashes the same reuses the weights and the row instead of producing them again (unless
+    ``reuse`` is False). Every variant's run (``config.yaml``, ``metrics.json``, weights, ``result.json``)
+    ends up in ``<output_root>/runs/<key>``; `parent` is the result of the run whose weights it starts from.
     """
     run_dir = output_root / "runs" / variant.key
     weights = str(output_root / "runs" / parent.key / "model_final.pth") if parent else None
     cfg = build_cfg(variant, mode, weights, run_dir)
-    digest = config_hash(cfg, parent.config_hash if parent else "")
+    extra = f"calibration images {mode.calibration_images}" if variant.kind == "calibrate" else ""
+    digest = config_hash(cfg, parent.config_hash if parent else "", extra)
     cache_dir = output_root / "cache" / f"{variant.key.replace('/', '-')}-{digest}"
     cached = cache_dir / "result.json"
-    if (
-        not variant.quantized
-        and reuse_float
-        and cached.is_file()
-        and (cache_dir / "model_final.pth").is_file()
-    ):
+    cacheable = not variant.quantized or cache_quantized
+    if cacheable and reuse and cached.is_file() and (cache_dir / "model_final.pth").is_file():
         if run_dir.resolve() != cache_dir.resolve():
             shutil.rmtree(run_dir, ignore_errors=True)
             shutil.copytree(cache_dir, run_dir)
@@ -184,13 +222,18 @@ def run_variant(
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(cfg.dump())
-    measured = _train_and_evaluate(variant, cfg, write_period, print_period)
+    trainer_class = _trainer_class(variant.adelaidet, write_period, print_period)
+    if variant.kind == "calibrate":
+        measured = _calibrate(cfg, trainer_class, mode.calibration_images)
+    else:
+        measured = _train(variant, cfg, trainer_class)
     result = PhaseResult(
         key=variant.key, model=variant.model, bits=variant.bits_label, weight_bits=variant.weight_bits,
-        activation_bits=variant.activation_bits, config_hash=digest, parent=variant.parent, **measured,
+        activation_bits=variant.activation_bits, config_hash=digest, parent=variant.parent, kind=variant.kind,
+        seed=cfg.SEED, **measured,
     )  # fmt: skip
     (run_dir / "result.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
-    if not variant.quantized:
+    if cacheable:
         shutil.rmtree(cache_dir, ignore_errors=True)
         shutil.copytree(run_dir, cache_dir)
     return result

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-VARIANTS = ("float", "float_finetuned", "lsq_w4a4", "lsq_w3a3", "lsq_w2a2")
+VARIANTS = ("float", "float_finetuned", "lsq_w4a4", "lsq_w3a3", "lsq_w2a2", "ptq_w8a8", "ptq_w4a8")
 EXPECTED_KEYS = [f"{model}/{v}" for model in ("retinanet", "fcos") for v in VARIANTS]
 
 
@@ -41,7 +41,11 @@ def test_quick_demo_writes_a_table_of_real_evaluations(quick_demo):
     for row in rows.values():
         assert all(math.isfinite(row[k]) and 0 <= row[k] <= 100 for k in ("AP", "AP50", "AP75")), row
         assert row["AP50"] >= row["AP75"], row
-        assert row["seconds_per_iter"] > 0 and row["iterations"] == (40 if row["parent"] is None else 10)
+        if row["kind"] == "calibrate":  # PTQ: calibrated from the float weights, no training
+            assert row["iterations"] == 0 and row["parent"].endswith("/float") and row["train_seconds"] > 0
+        else:
+            assert row["seconds_per_iter"] > 0 and row["iterations"] == (40 if row["parent"] is None else 10)
+        assert row["seed"] == 0
         assert (output / "runs" / row["key"] / "model_final.pth").is_file()
     # COCOEvaluator's own numbers (its log table prints them with 3 decimals), nothing computed on the side
     log = (output / "log.txt").read_text()
@@ -54,11 +58,13 @@ def test_quick_demo_writes_a_table_of_real_evaluations(quick_demo):
         assert (
             sizes[0] == sizes[1] and sizes[1] > sizes[2] > sizes[3] > sizes[4] and sizes[2] < sizes[0] / 4
         ), sizes
+        assert sizes[0] / 4 < sizes[5] < sizes[0] / 3.5 and sizes[6] < sizes[5], sizes  # 8-bit, 4-bit weights
     table = (output / "results.md").read_text()
     assert table.count("\n") == 2 + len(EXPECTED_KEYS)
     assert (
         "| 2/2 (8-bit stem, predictors, sums) |" in table
         and "| float (fine-tuned like the QAT rows) |" in table
+        and "| 8/8 (PTQ, no training) |" in table
     )
     assert table in proc.stdout  # the table is printed, too
 
@@ -161,3 +167,23 @@ def test_unknown_model_is_a_usage_error_naming_the_choices(tmp_path):
     assert proc.returncode == 2
     assert "--models: unknown ['yolo']; choose from retinanet, fcos" in proc.stderr
     assert not any(tmp_path.iterdir())  # nothing started
+
+
+@pytest.mark.parametrize(
+    "where, message",
+    [
+        ("file", "exists and is not a directory"),
+        ("under_a_file", "is not a directory"),
+        ("/proc/mq_demo_output", "cannot write in /proc"),
+    ],
+)
+def test_an_unusable_output_dir_is_a_usage_error_before_anything_runs(tmp_path, where, message):
+    (tmp_path / "file").write_text("not a directory")
+    target = {"file": tmp_path / "file", "under_a_file": tmp_path / "file" / "out"}.get(where, Path(where))
+    proc = subprocess.run(
+        [sys.executable, "-m", "demo", "--quick", "--output-dir", str(target)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"--output-dir {target}: " in proc.stderr and message in proc.stderr
+    assert "Traceback" not in proc.stderr and sorted(p.name for p in tmp_path.iterdir()) == ["file"]

@@ -86,11 +86,27 @@ def test_table_compares_quantized_rows_with_the_like_for_like_float_run(tmp_path
     assert md.read_text() == markdown_table(rows)
 
 
+def test_ptq_rows_compare_with_the_float_model_they_were_calibrated_from():
+    ptq = PhaseResult(**{**_result("B", 8, 10.8, parent="B/float").to_json(), "key": "B/ptq_w8a8",
+                         "kind": "calibrate", "iterations": 0, "bits": "8/8 (PTQ)"})  # fmt: skip
+    finetuned = PhaseResult(
+        **{**_result("B", 32, 13.0, parent="B/float").to_json(), "key": "B/float_finetuned"}
+    )
+    rows = [_result("B", 32, 11.0), finetuned, _result("B", 4, 12.5, parent="B/float"), ptq]
+    table = markdown_table(rows).splitlines()
+    # QAT: against the fine-tuned float row (like for like); PTQ: against the float row (no training either)
+    assert "| -0.5 |" in table[4] and "| -0.2 |" in table[5]
+    assert "| 100 + no training |" in table[5] and "| - |" in table[5]
+
+
 def test_plots_are_written_as_png(tmp_path):
     rows = [
         _result("A", 32, 20.0),
         _result("A", 4, 19.5, parent="A/float"),
         _result("A", 2, 15.0, parent="A/float"),
+        PhaseResult(
+            **{**_result("A", 8, 19.9, parent="A/float").to_json(), "key": "A/ptq", "kind": "calibrate"}
+        ),
     ]
     run = tmp_path / "runs" / "A" / "float"
     run.mkdir(parents=True)
