@@ -10,7 +10,7 @@
 #   4. qat_step    bench/qat_step.py --device cuda: float and LSQ w4a4, eager and compiled, 512 px, batch 8;
 #
 # then one report, output/gpu_check/report.md (printed at the end): each stage's status and time, and the
-# tables. Budget: about 8 minutes on one H200 with 16 cores (the build dominates); each stage has a time
+# tables. Meant to take under 8 minutes on one H200 with 16 cores (not run yet); each stage has a time
 # limit, a stage that fails or times out is reported and the next one still runs; the exit status is 0
 # only when every stage passed. Without a GPU it exits at once with status 3 and says why.
 #
