@@ -51,6 +51,18 @@ def demo(session: nox.Session) -> None:
 
 
 @nox.session
+def export(session: nox.Session) -> None:
+    """Integer ONNX export of a trained detector: `-- --config-file CFG --weights W [--output F] [--eval]`."""
+    if not session.posargs:
+        session.error(
+            "usage: nox -s export -- --config-file <config.yaml> --weights <model_final.pth> [--output model.onnx] "
+            "[--eval] [KEY VALUE ...]"
+        )
+    python = _build(session)
+    session.run(python, "-m", "model_quantization.export", *session.posargs, external=True)
+
+
+@nox.session
 def calibrate(session: nox.Session) -> None:
     """Post-training quantization: `nox -s calibrate -- --config-file <cfg> --weights <float.pth> [--images 256]`."""
     python = _build(session)

@@ -1,0 +1,212 @@
+"""Deploy through the patched tree: RetinaNet (detectron2) and FCOS (AdelaiDet) to integer ONNX, run by
+ONNX Runtime through upstream's own post-processing, with the gates; refused inputs; the command line.
+
+Models here are random-init shapes models whose quantizers and BN statistics come from two training
+batches: the gates that depend on trained weights (task AP parity, and the integer engine's cosine with
+real biases) are measured on trained models by ``nox -s bench -- deploy`` and the demo."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from .d2_helpers import ADET_CONFIG_DIR, CONFIG_DIR, ROOT, load_cfg, shapes_batch
+
+pytestmark = pytest.mark.integration
+
+RETINANET = CONFIG_DIR / "shapes" / "retinanet_R_18_FPN_fullbn_lsq_w4a4_mixed.yaml"
+FCOS = ADET_CONFIG_DIR / "shapes" / "fcos_R_18_FPN_fullbn_lsq_w4a4_mixed.yaml"
+
+
+def _initialised(config: Path, *opts, batches: int = 2):
+    """cfg and model of ``config``; quantizer steps and BN statistics set by ``batches`` training batches."""
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
+
+    cfg = load_cfg(config, *opts)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.train()
+    with EventStorage(0):
+        for step in range(batches):
+            model(shapes_batch(2, seed=step))
+    return cfg, model.eval()
+
+
+@pytest.fixture(scope="module")
+def retinanet(patched_tree, tmp_path_factory):
+    """RetinaNet LSQ 4/4 (mixed recipe), scores kept down to 0 so that random weights still detect."""
+    from model_quantization.deploy import export_model
+
+    cfg, model = _initialised(RETINANET, "MODEL.RETINANET.SCORE_THRESH_TEST", 0.0)
+    path = tmp_path_factory.mktemp("retinanet") / "model.onnx"
+    return cfg, model, path, export_model(cfg, model, path, parity_images=2)
+
+
+@pytest.fixture(scope="module")
+def fcos(patched_tree, tmp_path_factory):
+    """FCOS LSQ 4/4 (mixed recipe), scores kept down to 0."""
+    from model_quantization.deploy import export_model
+
+    cfg, model = _initialised(FCOS, "MODEL.FCOS.INFERENCE_TH_TEST", 0.0)
+    path = tmp_path_factory.mktemp("fcos") / "model.onnx"
+    return cfg, model, path, export_model(cfg, model, path, parity_images=2)
+
+
+@pytest.mark.parametrize("which", ["retinanet", "fcos"])
+def test_export_meets_reference_parity_and_integer_coverage(request, which):
+    _, model, path, report = request.getfixturevalue(which)
+    assert path.is_file() and path.stat().st_size == report.file_bytes
+    assert report.reference.passed, str(report.reference)  # gate 1
+    assert report.reference.activations >= 100 and report.reference.max_steps <= 1.0 + 1e-3
+    assert report.coverage.quantized_convs >= 50 and report.coverage_passed, str(report.coverage)  # gate 4
+    assert report.coverage.ops.get("QLinearConv", 0) >= 20, "the fusable convs must fuse"
+    assert max(report.reference.head_max_abs_diff.values()) < 1e-3
+    assert len(report.lowering.folded_norms) >= 25, "backbone, FPN and per-level head norms are folded"
+    text = str(report)
+    assert "gate 1" in text and "gate 2" in text and "gate 4" in text and "opset 18" in text
+
+
+@pytest.mark.parametrize("which", ["retinanet", "fcos"])
+def test_integer_engine_is_exact_on_a_whole_detector_when_biases_are_on_grid(request, which):
+    """Gate 2 with nothing left to round: QLinearConv and ConvInteger over backbone, FPN and per-level
+    head give the reference's outputs exactly once biases are 0 (a wrong zero point, container or fusion
+    would not). With the real biases the cosine is statistical; it is reported, and measured on trained
+    models by nox -s bench -- deploy."""
+    from onnx import load
+
+    from model_quantization.deploy import engine_parity, sample_inputs, without_conv_biases
+    from model_quantization.deploy.detectors import adapter_for
+
+    cfg, model, path, report = request.getfixturevalue(which)
+    images = [adapter_for(model).preprocess([x])[0] for x in sample_inputs(cfg, 2)]
+    parity = engine_parity(without_conv_biases(load(str(path))), images)
+    assert max(parity.max_abs_diff.values()) == 0.0, str(parity)
+    assert report.engine is not None and len(report.engine.cosine) == len(report.outputs)
+
+
+def _matched(onnx_result, torch_result, min_iou: float = 0.999) -> None:
+    from detectron2.structures import pairwise_iou
+
+    a, b = onnx_result["instances"], torch_result["instances"]
+    assert len(a) == len(b) > 0
+    torch.testing.assert_close(a.scores.sort().values, b.scores.sort().values, atol=1e-4, rtol=0)
+    iou = pairwise_iou(a.pred_boxes, b.pred_boxes)
+    iou[a.pred_classes[:, None] != b.pred_classes[None, :]] = 0
+    # random weights score many boxes alike: a 1e-5 difference may reorder a near-tie in NMS
+    assert (iou.max(dim=1).values >= min_iou).float().mean() >= 0.95
+
+
+@pytest.mark.parametrize("which", ["retinanet", "fcos"])
+def test_detections_through_upstream_postprocessing_match_pytorch(request, which):
+    """The reference session through OnnxDetector (padding with the pixel mean, upstream's decoding and
+    NMS, rescaling to the input's size) gives the PyTorch model's detections."""
+    from model_quantization.deploy import OnnxDetector, sample_inputs
+
+    cfg, model, path, _ = request.getfixturevalue(which)
+    inputs = sample_inputs(cfg, 2)
+    onnx_model = OnnxDetector(model, path, threads=1, optimize=False)
+    with torch.no_grad():
+        for x in inputs:
+            _matched(onnx_model([x])[0], model([x])[0])
+
+
+def test_evaluation_runs_like_pytorchs_through_coco_evaluator(retinanet):
+    from model_quantization.deploy import evaluate_onnx, evaluate_pytorch
+
+    cfg, model, path, _ = retinanet
+    reference = evaluate_onnx(cfg, path, model=model, threads=1, optimize=False)["bbox"]
+    engine = evaluate_onnx(cfg, path, model=model, threads=1)["bbox"]
+    pytorch = evaluate_pytorch(cfg, model)["bbox"]
+    assert set(reference) == set(pytorch) >= {"AP", "AP50", "AP75"}
+    assert abs(reference["AP"] - pytorch["AP"]) <= 0.05  # gate 1 parity, seen through COCOEvaluator
+    assert abs(engine["AP"] - pytorch["AP"]) <= 0.3  # gate 3 (random weights: the plumbing only)
+
+
+# ---------------------------------------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (
+            CONFIG_DIR / "shapes" / "mask_rcnn_R_18_FPN_lsq_w4a4.yaml",
+            r"cannot export a GeneralizedRCNN.*RetinaNet",
+        ),
+        (
+            ADET_CONFIG_DIR / "shapes" / "blendmask_R_18_FPN_fullbn_lsq_w2a2.yaml",
+            r"cannot export a BlendMask.*FCOS",
+        ),
+        (RETINANET, r"'backbone\.[\w.]+\.input_quantizer'.*never initialised from data"),
+    ],
+    ids=["mask_rcnn", "blendmask", "uninitialised"],
+)
+def test_unsupported_models_are_refused_with_the_reason_and_no_file(patched_tree, tmp_path, config, message):
+    from detectron2.modeling import build_model
+
+    from model_quantization.deploy import ExportError, export_model
+
+    cfg = load_cfg(config)
+    model = build_model(cfg).eval()
+    with pytest.raises(ExportError, match=message):
+        export_model(cfg, model, tmp_path / "model.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_lqnet_is_refused_naming_the_module(patched_tree, tmp_path):
+    from model_quantization.deploy import ExportError, export_model
+
+    cfg, model = _initialised(
+        ADET_CONFIG_DIR / "shapes" / "fcos_R_18_FPN_fullbn_lqnet_ternary.yaml", batches=1
+    )
+    with pytest.raises(ExportError, match=r"cannot export '[\w.]+_quantizer': lqnet .*non-uniform"):
+        export_model(cfg, model, tmp_path / "model.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_and_mismatched_weights_are_refused(patched_tree, tmp_path):
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    from model_quantization.deploy import ExportError
+    from model_quantization.export import load_model
+
+    cfg = load_cfg(CONFIG_DIR / "shapes" / "retinanet_R_18_FPN_fullbn_float.yaml")
+    with pytest.raises(ExportError, match="does not exist"):
+        load_model(cfg, tmp_path / "missing.pth")
+    fcos = build_model(load_cfg(ADET_CONFIG_DIR / "shapes" / "fcos_R_18_FPN_fullbn_float.yaml"))
+    DetectionCheckpointer(fcos, str(tmp_path)).save("fcos")
+    with pytest.raises(ExportError, match=r"does not match the model of the config: keys .*missing"):
+        load_model(cfg, tmp_path / "fcos.pth")
+
+
+# ---------------------------------------------------------------------------------------------- the command
+
+
+def test_command_line_exports_a_float_detector_and_refuses_a_missing_file(patched_tree, tmp_path, capsys):
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    from model_quantization.export import main
+
+    config = CONFIG_DIR / "shapes" / "retinanet_R_18_FPN_fullbn_float.yaml"
+    opts = ["MODEL.DEVICE", "cpu", "DATASETS.TEST", "('shapes_tiny_val',)"]
+    assert main(["--config-file", str(config), "--weights", str(tmp_path / "nope.pth"), *opts]) == 1
+    assert "export refused: weights file" in capsys.readouterr().err and list(tmp_path.iterdir()) == []
+
+    torch.manual_seed(0)
+    DetectionCheckpointer(build_model(load_cfg(config)), str(tmp_path)).save("model_final")
+    done = subprocess.run(
+        [sys.executable, "-m", "model_quantization.export", "--config-file", str(config),
+         "--weights", str(tmp_path / "model_final.pth"), "--parity-images", "1", *opts],
+        capture_output=True, text=True, cwd=ROOT,
+        env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert (tmp_path / "model_final.onnx").is_file()
+    assert "gate 4" in done.stdout and "0/0 quantized convs" in done.stdout and "gate 1" in done.stdout
