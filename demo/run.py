@@ -21,7 +21,7 @@ __all__ = ["CACHE_VERSION", "PhaseResult", "build_cfg", "config_hash", "run_vari
 logger = logging.getLogger("demo")
 
 #: Bump when the way a run is produced changes in a way its config does not show.
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 METRICS = ("AP", "AP50", "AP75")
 
 
@@ -138,9 +138,18 @@ def _evaluate(trainer_class, cfg, model) -> tuple[dict, float]:
     return {k: float(bbox[k]) for k in METRICS}, time.perf_counter() - start
 
 
+def _seed(cfg) -> None:
+    """detectron2's SEED, as ``default_setup`` applies it in ``train_net.py``: initial weights, the
+    sampler's data order and augmentation (data-loader workers derive their seeds from it) repeat."""
+    from detectron2.utils.env import seed_all_rng
+
+    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED)
+
+
 def _train(variant: Variant, cfg, trainer_class) -> dict:
     from detectron2.checkpoint import DetectionCheckpointer
 
+    _seed(cfg)
     trainer = trainer_class(cfg)
     trainer.resume_or_load(resume=False)
     start = time.perf_counter()
@@ -167,6 +176,7 @@ def _calibrate(cfg, trainer_class, num_images: int | None) -> dict:
 
     from model_quantization.calibrate import calibrate_detector, load_float_weights
 
+    _seed(cfg)
     model = trainer_class.build_model(cfg)
     load_float_weights(model, cfg.MODEL.WEIGHTS)
     start = time.perf_counter()

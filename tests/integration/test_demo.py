@@ -187,3 +187,40 @@ def test_an_unusable_output_dir_is_a_usage_error_before_anything_runs(tmp_path, 
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"--output-dir {target}: " in proc.stderr and message in proc.stderr
     assert "Traceback" not in proc.stderr and sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+SEEDED_RUN = r"""
+import dataclasses, sys
+import model_quantization.detectron2
+from demo.plan import Mode, variants
+from demo.run import run_variant
+from pathlib import Path
+mode = Mode("repro", "shapes", 3, 2, "shapes_tiny_val", "cpu", train_dataset="shapes_tiny_train", seed=int(sys.argv[2]))
+variant = dataclasses.replace(
+    variants(mode, ["retinanet"], bits=(), ptq=())[0],
+    opts=("SOLVER.IMS_PER_BATCH", 2, "MODEL.RETINANET.SCORE_THRESH_TEST", 0.0),  # detections: a finite AP
+)
+print(run_variant(variant, mode, Path(sys.argv[1]), None, reuse=False).AP)
+"""
+
+
+def test_a_seeded_run_repeats_bit_for_bit_and_another_seed_does_not(patched_tree, tmp_path):
+    """The demo's SEED fixes initial weights, data order and augmentation: the same run in a new process
+    (what re-running the demo does) gives the same weights and AP on the CPU; another seed does not."""
+    import torch
+
+    def run(root: str, seed: int):
+        proc = subprocess.run(
+            [sys.executable, "-c", SEEDED_RUN, str(tmp_path / root), str(seed)],
+            cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        weights = torch.load(tmp_path / root / "runs/retinanet/float/model_final.pth", weights_only=False)[
+            "model"
+        ]
+        return float(proc.stdout.split()[-1]), weights
+
+    (ap, a), (again, b), (_, other) = run("a", 5), run("b", 5), run("c", 6)
+    assert ap == again and math.isfinite(ap)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], other[k]) for k in a if a[k].is_floating_point())
