@@ -32,10 +32,11 @@ def route_to_detectron2_log() -> None:
     Why the same handlers rather than logging under a child of ``detectron2``: the torch-only half of the
     package (quantizers: initialisation warnings) cannot log under detectron2's name, and this covers every
     module of the package with one call, with detectron2's own format, files and per-rank handling
-    (``log.txt.rank<N>`` on other ranks) and no change to any logger name. Propagation to the root logger is
-    left as it is, so an application's own logging configuration still receives these records. A no-op
-    until detectron2's logger has handlers (``default_setup``), so library use and tests are unaffected;
-    idempotent (the model is built more than once per process, e.g. for evaluation).
+    (``log.txt.rank<N>`` on other ranks) and no change to any logger name. Like detectron2's own loggers,
+    ours then stops propagating to the root logger: a handler there (an application's ``basicConfig``, or
+    pytest's capture handler, which sits on every non-propagating logger too) would otherwise handle each
+    record a second time. A no-op until detectron2's logger has handlers (``default_setup``), so library
+    use is unaffected; idempotent (the model is built more than once per process, e.g. for evaluation).
     """
     detectron2 = logging.getLogger("detectron2")
     if not detectron2.handlers:
@@ -44,6 +45,7 @@ def route_to_detectron2_log() -> None:
     for handler in detectron2.handlers:
         if handler not in ours.handlers:
             ours.addHandler(handler)
+    ours.propagate = False
     if ours.level == logging.NOTSET:  # else the root logger's WARNING would drop the report
         ours.setLevel(logging.INFO)
 
