@@ -229,6 +229,20 @@ def _boolean(value: Any, key: str) -> bool:
     return value
 
 
+def _as_yacs(node: Any) -> Any:
+    """The node as YACS holds it: detectron2 also builds models from ``OmegaConf.create(cfg.dump())``, where
+    lists are ``ListConfig`` and mappings ``DictConfig``; read those as the plain lists and dicts they hold."""
+    try:
+        from omegaconf import DictConfig, OmegaConf
+    except ImportError:  # detectron2 depends on omegaconf; without it no such config can exist
+        return node
+    if not isinstance(node, DictConfig):
+        return node
+    from detectron2.config import CfgNode
+
+    return CfgNode(OmegaConf.to_container(node, resolve=True))
+
+
 def parse_quantization_config(cfg) -> QuantizationConfig:
     """Parse and validate ``cfg.MODEL.QUANTIZATION`` as a whole (also when ``ENABLED`` is False).
 
@@ -237,7 +251,7 @@ def parse_quantization_config(cfg) -> QuantizationConfig:
             valid names, for any invalid key, method, bit width, option, contradictory rule, or a setting
             that quantization being off would silently ignore.
     """
-    q = cfg.MODEL.QUANTIZATION
+    q = _as_yacs(cfg.MODEL.QUANTIZATION)
     enabled = _boolean(q.ENABLED, "ENABLED")
     try:
         spec = QuantSpec.from_dict(spec_dict(q))

@@ -67,3 +67,22 @@ def test_the_conversion_report_lists_the_rules_in_effect(patched_tree):
     assert (
         "Rules in effect (a config's RULES replace its base's): [0] backbone.bottom_up.stem.conv1" in report
     )
+
+
+def test_an_omegaconf_config_builds_as_the_yacs_one_does(patched_tree):
+    """detectron2 builds models from ``OmegaConf.create(cfg.dump())`` too (its own test_yacs_config does):
+    the rules arrive as a ListConfig of DictConfigs, and must be read as the YACS lists and dicts are."""
+    from detectron2.modeling import build_model
+    from omegaconf import OmegaConf
+
+    from model_quantization.detectron2.config import parse_quantization_config
+
+    for path in (FLOAT, QUANTIZED):
+        yacs = load_cfg(path)
+        omega = OmegaConf.create(yacs.dump())
+        assert parse_quantization_config(omega) == parse_quantization_config(yacs)
+        build_model(omega)
+    assert build_model(omega).quantization_config.spec.weight.bits == 4
+    bad = OmegaConf.create(load_cfg(QUANTIZED, "MODEL.QUANTIZATION.QUANTIZER_LR_FACTOR", -1.0).dump())
+    with pytest.raises(ValueError, match=r"QUANTIZER_LR_FACTOR: must be a number >= 0"):
+        build_model(bad)
