@@ -69,6 +69,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="train the float models again even when a run with the same config hash is cached",
     )
     parser.add_argument(
+        "--skip-onnx",
+        action="store_true",
+        help="leave out the ONNX AP / ONNX MB columns (each row's integer ONNX export and its evaluation)",
+    )
+    parser.add_argument(
         "--seed", type=int, default=0, help="detectron2's SEED for every run (default 0: the README's table)"
     )
     args = parser.parse_args(argv)
@@ -186,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     for index, variant in enumerate(plan):
         progress.begin(index, variant)
         parent = results[variant.parent] if variant.parent else None
-        result = run_variant(variant, mode, output_dir, parent, reuse=not args.retrain_float)
+        result = run_variant(
+            variant, mode, output_dir, parent, reuse=not args.retrain_float, deploy=not args.skip_onnx
+        )
         results[variant.key] = result
         progress.done(variant, result)
 

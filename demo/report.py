@@ -11,7 +11,11 @@ from .run import PhaseResult
 
 __all__ = ["markdown_table", "plot_ap_vs_bits", "plot_loss_curves", "read_loss_curve", "write_table"]
 
-COLUMNS = ("model", "bits W/A", "AP", "AP50", "AP75", "ΔAP", "iterations", "s/iter", "size MB")
+COLUMNS = (
+    "model", "bits W/A", "AP", "AP50", "AP75", "ΔAP", "iterations", "s/iter", "size MB", "ONNX AP", "ONNX MB",
+)  # fmt: skip
+#: Right-aligned (numeric) columns.
+NUMERIC = {"AP", "AP50", "AP75", "ΔAP", "iterations", "s/iter", "size MB", "ONNX AP", "ONNX MB"}
 
 
 def reference_ap(results: list[PhaseResult]) -> dict[str, float]:
@@ -54,21 +58,28 @@ def _rows(results: list[PhaseResult]) -> list[list[str]]:
         rows.append(
             [
                 r.model, r.bits, f"{r.AP:.1f}", f"{r.AP50:.1f}", f"{r.AP75:.1f}", delta, iterations, speed,
-                f"{r.size_mb:.2f}",
+                f"{r.size_mb:.2f}", *_onnx_cells(r),
             ]
         )  # fmt: skip
     return rows
 
 
+def _onnx_cells(r: PhaseResult) -> tuple[str, str]:
+    """The exported model's AP and file size; "refused" (the reason is a footnote) or "-" (not exported)."""
+    if r.onnx_AP is not None:
+        return f"{r.onnx_AP:.1f}", f"{r.onnx_mb:.2f}"
+    return ("refused", "-") if r.onnx_error else ("-", "-")
+
+
 def markdown_table(results: list[PhaseResult]) -> str:
-    """GitHub Markdown table; ΔAP is against :func:`reference_ap`."""
-    right = {"AP", "AP50", "AP75", "ΔAP", "iterations", "s/iter", "size MB"}
+    """GitHub Markdown table; ΔAP is against :func:`reference_ap`; export refusals as footnotes."""
     lines = [
         "| " + " | ".join(COLUMNS) + " |",
-        "|" + "|".join("---:" if c in right else "---" for c in COLUMNS) + "|",
+        "|" + "|".join("---:" if c in NUMERIC else "---" for c in COLUMNS) + "|",
     ]
     lines += ["| " + " | ".join(row) + " |" for row in _rows(results)]
-    return "\n".join(lines) + "\n"
+    refusals = [f"- {r.model} {r.bits}: ONNX export refused: {r.onnx_error}" for r in results if r.onnx_error]
+    return "\n".join(lines) + "\n" + ("\n" + "\n".join(refusals) + "\n" if refusals else "")
 
 
 def write_table(results: list[PhaseResult], output_dir: Path, extra: dict | None = None) -> tuple[Path, Path]:

@@ -30,6 +30,8 @@ class PhaseResult:
     """What one variant measured. Written as ``result.json`` next to its weights.
 
     ``iterations`` is 0 for a calibrated (PTQ) row; its ``train_seconds`` is the calibration time.
+    ``onnx_AP`` / ``onnx_mb``: box AP of the exported integer ONNX model run by ONNX Runtime (same test
+    mapper, upstream post-processing) and the ONNX file's size; ``onnx_error`` says why a row has none.
     """
 
     key: str
@@ -50,6 +52,9 @@ class PhaseResult:
     cached: bool = False
     kind: str = "train"
     seed: int = 0
+    onnx_AP: float | None = None
+    onnx_mb: float | None = None
+    onnx_error: str | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -202,6 +207,7 @@ def run_variant(
     parent: PhaseResult | None,
     reuse: bool = True,
     cache_quantized: bool = False,
+    deploy: bool = True,
     write_period: int = 10,
     print_period: int = 50,
 ) -> PhaseResult:
@@ -212,6 +218,8 @@ def run_variant(
     parent run) hashes the same reuses the weights and the row instead of producing them again (unless
     ``reuse`` is False). Every variant's run (``config.yaml``, ``metrics.json``, weights, ``result.json``)
     ends up in ``<output_root>/runs/<key>``; `parent` is the result of the run whose weights it starts from.
+    With ``deploy``, the trained weights are also exported to ``model.onnx`` (integer ONNX) and that file
+    is evaluated in ONNX Runtime (:func:`_deploy`).
     """
     run_dir = output_root / "runs" / variant.key
     weights = str(output_root / "runs" / parent.key / "model_final.pth") if parent else None
@@ -220,19 +228,22 @@ def run_variant(
     digest = config_hash(cfg, parent.config_hash if parent else "", extra)
     cache_dir = output_root / "cache" / f"{variant.key.replace('/', '-')}-{digest}"
     cached = cache_dir / "result.json"
+    trainer_class = _trainer_class(variant.adelaidet, write_period, print_period)
     cacheable = not variant.quantized or cache_quantized
     if cacheable and reuse and cached.is_file() and (cache_dir / "model_final.pth").is_file():
         if run_dir.resolve() != cache_dir.resolve():
             shutil.rmtree(run_dir, ignore_errors=True)
             shutil.copytree(cache_dir, run_dir)
-        data = json.loads(cached.read_text())
-        data["cached"] = True
-        return PhaseResult(**data)
+        result = PhaseResult(**json.loads(cached.read_text()))
+        if deploy and result.onnx_AP is None and result.onnx_error is None:  # cached before the column
+            _fill_onnx(result, _deploy(cfg, run_dir, trainer_class))
+            (cache_dir / "result.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        result.cached = True
+        return result
 
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(cfg.dump())
-    trainer_class = _trainer_class(variant.adelaidet, write_period, print_period)
     if variant.kind == "calibrate":
         measured = _calibrate(cfg, trainer_class, mode.calibration_images)
     else:
@@ -242,8 +253,46 @@ def run_variant(
         activation_bits=variant.activation_bits, config_hash=digest, parent=variant.parent, kind=variant.kind,
         seed=cfg.SEED, **measured,
     )  # fmt: skip
+    if deploy:
+        _fill_onnx(result, _deploy(cfg, run_dir, trainer_class))
     (run_dir / "result.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
     if cacheable:
         shutil.rmtree(cache_dir, ignore_errors=True)
         shutil.copytree(run_dir, cache_dir)
     return result
+
+
+def _fill_onnx(result: PhaseResult, deployed: dict) -> None:
+    result.onnx_AP, result.onnx_mb, result.onnx_error = (
+        deployed.get("onnx_AP"),
+        deployed.get("onnx_mb"),
+        deployed.get("onnx_error"),
+    )
+
+
+def _deploy(cfg, run_dir: Path, trainer_class) -> dict:
+    """Export the run's ``model_final.pth`` to ``model.onnx`` and evaluate that file in ONNX Runtime.
+
+    The model is rebuilt from the config and its saved weights (what a user deploys), not taken from the
+    trainer. An export the exporter refuses (a method without an integer form) is not a crash of the whole
+    demo: the row records the refusal, logged as a warning and shown in the table.
+    """
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    from model_quantization.deploy import ExportError, evaluate_onnx, export_model
+
+    model = trainer_class.build_model(cfg)
+    DetectionCheckpointer(model).load(str(run_dir / "model_final.pth"))
+    path = run_dir / "model.onnx"
+    start = time.perf_counter()
+    try:
+        report = export_model(cfg, model, path, parity_images=0)
+    except ExportError as exc:
+        logger.warning(f"    ONNX export refused: {exc}")
+        return {"onnx_error": str(exc)}
+    bbox = evaluate_onnx(cfg, path, model=model)["bbox"]
+    logger.info(
+        f"    ONNX Runtime: AP {bbox['AP']:.1f}, {report.file_bytes / 2**20:.2f} MB, "
+        f"{report.coverage} ({time.perf_counter() - start:.0f} s)"
+    )
+    return {"onnx_AP": float(bbox["AP"]), "onnx_mb": report.file_bytes / 2**20}

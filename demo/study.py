@@ -86,7 +86,7 @@ def _mode(dataset: str, seed: int) -> Mode:
 def _float_run(model: str, dataset: str, root: Path) -> PhaseResult:
     """The float model every row of `model` starts from: the demo's float config, seed 0, cached."""
     base = variants(_mode(dataset, 0), [model], bits=(), ptq=())[0]
-    return run_variant(base, _mode(dataset, 0), root / "float", None)
+    return run_variant(base, _mode(dataset, 0), root / "float", None, deploy=False)
 
 
 def _link_parent(parent: PhaseResult, source_root: Path, target_root: Path) -> None:
@@ -148,12 +148,14 @@ def run_part(
                     if parent_key != f"{model}/float":  # progressive: the 4-bit baseline run first
                         four = _rows("ablation", model, 4)[0][2]
                         results[parent_key] = run_variant(
-                            four, mode, seed_root, float_result, cache_quantized=True
+                            four, mode, seed_root, float_result, cache_quantized=True, deploy=False
                         )
-                    result = run_variant(variant, mode, seed_root, results[parent_key], cache_quantized=True)
+                    result = run_variant(
+                        variant, mode, seed_root, results[parent_key], cache_quantized=True, deploy=False
+                    )
                     length = before + result.iterations
                     reference = run_variant(
-                        _float_finetune(part, model, length), mode, seed_root, float_result
+                        _float_finetune(part, model, length), mode, seed_root, float_result, deploy=False
                     )
                     deltas.append(result.AP - reference.AP)
                     aps.append(result.AP)

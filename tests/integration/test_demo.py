@@ -49,7 +49,8 @@ def test_quick_demo_writes_a_table_of_real_evaluations(quick_demo):
         assert (output / "runs" / row["key"] / "model_final.pth").is_file()
     # COCOEvaluator's own numbers (its log table prints them with 3 decimals), nothing computed on the side
     log = (output / "log.txt").read_text()
-    assert log.count("Evaluation results for bbox") == len(EXPECTED_KEYS)
+    # one evaluation of the PyTorch model and one of its exported ONNX file per row
+    assert log.count("Evaluation results for bbox") == 2 * len(EXPECTED_KEYS)
     logged = [[c.strip() for c in line.split("|")[1:4]] for line in log.splitlines() if line.startswith("|")]
     for row in rows.values():
         assert [f"{row[k]:.3f}" for k in ("AP", "AP50", "AP75")] in logged, row["key"]
@@ -59,8 +60,19 @@ def test_quick_demo_writes_a_table_of_real_evaluations(quick_demo):
             sizes[0] == sizes[1] and sizes[1] > sizes[2] > sizes[3] > sizes[4] and sizes[2] < sizes[0] / 4
         ), sizes
         assert sizes[0] / 4 < sizes[5] < sizes[0] / 3.5 and sizes[6] < sizes[5], sizes  # 8-bit, 4-bit weights
+    for row in rows.values():  # every row also ran as an exported integer ONNX model in ONNX Runtime
+        assert row["onnx_error"] is None and 0 <= row["onnx_AP"] <= 100, row
+        assert (output / "runs" / row["key"] / "model.onnx").stat().st_size == round(row["onnx_mb"] * 2**20)
+    for model in ("retinanet", "fcos"):
+        onnx_mb = {v: rows[f"{model}/{v}"]["onnx_mb"] for v in VARIANTS}
+        # int8 containers: a quarter of the float file (plus scales); below 8 bits no smaller
+        assert all(onnx_mb[v] < onnx_mb["float"] / 3.5 for v in VARIANTS[2:]), onnx_mb
+        for v in ("float", "float_finetuned"):  # the float network runs the same math in ONNX Runtime
+            row = rows[f"{model}/{v}"]
+            assert abs(row["onnx_AP"] - row["AP"]) <= 0.3, row
     table = (output / "results.md").read_text()
     assert table.count("\n") == 2 + len(EXPECTED_KEYS)
+    assert table.splitlines()[0].endswith("| size MB | ONNX AP | ONNX MB |")
     assert (
         "| 2/2 (8-bit stem, predictors, sums) |" in table
         and "| float (fine-tuned like the QAT rows) |" in table
@@ -93,7 +105,7 @@ def test_quick_demo_plots_ap_and_loss_curves(quick_demo):
 def test_rerun_reuses_cached_float_runs_unless_told_not_to(quick_demo):
     output, _ = quick_demo
     first = {r["key"]: r for r in json.loads((output / "results.json").read_text())["rows"]}
-    proc = _nox_demo("--quick", "--output-dir", str(output), "--models", "fcos")
+    proc = _nox_demo("--quick", "--output-dir", str(output), "--models", "fcos", "--skip-onnx")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     rows = {r["key"]: r for r in json.loads((output / "results.json").read_text())["rows"]}
     assert list(rows) == [k for k in EXPECTED_KEYS if k.startswith("fcos/")]
@@ -101,8 +113,12 @@ def test_rerun_reuses_cached_float_runs_unless_told_not_to(quick_demo):
         assert rows[key]["cached"] is True
         assert rows[key]["AP"] == first[key]["AP"] and rows[key]["config_hash"] == first[key]["config_hash"]
     assert not any(rows[k]["cached"] for k in rows if "lsq" in k)
+    assert all(rows[k]["onnx_AP"] is None for k in rows if "lsq" in k)  # --skip-onnx
+    assert rows["fcos/float"]["onnx_AP"] == first["fcos/float"]["onnx_AP"]  # cached with the row
     assert proc.stdout.count("reused the cached run") == 2
-    again = _nox_demo("--quick", "--output-dir", str(output), "--models", "fcos", "--retrain-float")
+    again = _nox_demo(
+        "--quick", "--output-dir", str(output), "--models", "fcos", "--retrain-float", "--skip-onnx"
+    )
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
     assert not any(r["cached"] for r in json.loads((output / "results.json").read_text())["rows"])
 

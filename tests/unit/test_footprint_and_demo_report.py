@@ -99,6 +99,24 @@ def test_ptq_rows_compare_with_the_float_model_they_were_calibrated_from():
     assert "| 100 + no training |" in table[5] and "| - |" in table[5]
 
 
+def test_the_table_shows_the_onnx_model_and_footnotes_a_refused_export():
+    exported = PhaseResult(
+        **{**_result("A", 4, 19.5, parent="A/float").to_json(), "onnx_AP": 19.4, "onnx_mb": 1.25}
+    )
+    refused = PhaseResult(
+        **{
+            **_result("A", 2, 15.0, parent="A/float").to_json(),
+            "key": "A/2",
+            "onnx_error": "'x': no integer form",
+        }
+    )
+    table = markdown_table([_result("A", 32, 20.0), exported, refused]).splitlines()
+    assert table[0].endswith("| size MB | ONNX AP | ONNX MB |")
+    assert table[2].endswith("| 8.00 | - | - |")  # not exported
+    assert table[3].endswith("| 1.00 | 19.4 | 1.25 |") and table[4].endswith("| 0.50 | refused | - |")
+    assert table[-1] == "- A 2/2: ONNX export refused: 'x': no integer form"
+
+
 def test_plots_are_written_as_png(tmp_path):
     rows = [
         _result("A", 32, 20.0),
