@@ -11,13 +11,17 @@ flagged, not trusted.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script
+    sys.path.insert(0, str(ROOT))
+
+from bench._load import LoadCheck  # noqa: E402
+
 CONFIGS = {
     "RetinaNet R-18 8/8": ROOT / "configs/detectron2/shapes/retinanet_R_18_FPN_fullbn_ptq_w8a8.yaml",
     "RetinaNet R-18 4/8": ROOT / "configs/detectron2/shapes/retinanet_R_18_FPN_fullbn_ptq_w4a8.yaml",
@@ -25,8 +29,6 @@ CONFIGS = {
     "FCOS R-18 4/8": ROOT / "configs/AdelaiDet/shapes/fcos_R_18_FPN_fullbn_ptq_w4a8.yaml",
 }
 TARGET_SECONDS = 60.0
-#: A load average above this (on top of the benchmark itself) means someone else shares the cores.
-BUSY_LOAD = 0.5
 
 
 def measure(name: str, config: Path, images: int, threads: int) -> dict:
@@ -63,13 +65,10 @@ def main() -> None:
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         parser.error(f"--models: unknown {unknown}; choose from {', '.join(CONFIGS)}")
-    before = os.getloadavg()[0]
-    rows = [measure(n, CONFIGS[n], args.images, args.threads) for n in names]
-    after = os.getloadavg()[0]
-    busy = before > BUSY_LOAD
+    with LoadCheck() as load:
+        rows = [measure(n, CONFIGS[n], args.images, args.threads) for n in names]
     print(f"\nCalibration of {args.images} shapes_train images at 128 px, {args.threads} CPU threads, data "
-          f"loading included; load average {before:.2f} before, {after:.2f} after"
-          f"{' (BUSY: other processes used the cores, timings are not trustworthy)' if busy else ''}.\n")  # fmt: skip
+          f"loading included; {load.line()}.\n")  # fmt: skip
     print("| PTQ config | seconds | target | what was calibrated |")
     print("|---|---:|---|---|")
     for row in rows:

@@ -23,7 +23,6 @@ compiled rows Triton's fusion).
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -33,11 +32,10 @@ from pathlib import Path
 
 import torch
 
-try:
-    import model_quantization  # noqa: F401
-except ImportError:  # running from a source checkout without installing the package
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as a script: bench._load, and the library
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # uninstalled in a source checkout
 
+from bench._load import LoadCheck  # noqa: E402
 from model_quantization import functional as F  # noqa: E402
 from model_quantization.kernels import cpu as cpu_kernels  # noqa: E402
 from model_quantization.quantizers import QUANTIZERS, QuantizerRecipe, build_quantizer  # noqa: E402
@@ -217,23 +215,27 @@ def _verdict(rows: list[BenchRow]) -> str:
     return "\n".join(lines)
 
 
-def format_table(rows: list[BenchRow]) -> str:
-    """Plain-text table for the terminal."""
+def format_table(rows: list[BenchRow], load: LoadCheck | None = None) -> str:
+    """Plain-text table for the terminal, under how loaded the machine was while it measured."""
     width = max(len(r.name) for r in rows)
-    lines = [f"load average {os.getloadavg()[0]:.2f} (other processes on the cores distort timings)", ""]
+    lines = [(load or LoadCheck()).line(), ""]
     lines += [f"{'quantizer':<{width}}  {'ns/elem':>8}  {'x relu':>7}  note", "-" * (width + 40)]
     lines += [f"{r.name:<{width}}  {r.ns_per_elem:8.2f}  {r.ratio_to_relu:7.2f}  {r.note}" for r in rows]
     return "\n".join([*lines, "", _verdict(rows)])
 
 
 def to_markdown(
-    rows: list[BenchRow], shape: tuple[int, ...] = DEFAULT_SHAPE, threads: int = 2, device: str = "cpu"
+    rows: list[BenchRow],
+    shape: tuple[int, ...] = DEFAULT_SHAPE,
+    threads: int = 2,
+    device: str = "cpu",
+    load: LoadCheck | None = None,
 ) -> str:
     """The table as Markdown (for the README)."""
     where = f"{threads} CPU threads" if device == "cpu" else device
     lines = [
         f"Forward + backward per element, float32 tensor {'x'.join(map(str, shape))}, "
-        f"{where}, torch {torch.__version__}, load average {os.getloadavg()[0]:.2f}.",
+        f"{where}, torch {torch.__version__}, {(load or LoadCheck()).line()}.",
         "",
         "| quantizer | ns/elem | x ReLU | note |",
         "|---|---:|---:|---|",
@@ -265,11 +267,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available to torch")
     shape = tuple(args.shape)
-    rows = run(
-        shape, args.threads, args.bits, args.iters, args.repeats, args.compile, args.statistic, args.device,
-        tuple(args.compile_methods) if args.compile_methods else None,
-    )  # fmt: skip
-    print(to_markdown(rows, shape, args.threads, args.device) if args.markdown else format_table(rows))
+    with LoadCheck() as load:
+        rows = run(
+            shape, args.threads, args.bits, args.iters, args.repeats, args.compile, args.statistic, args.device,
+            tuple(args.compile_methods) if args.compile_methods else None,
+        )  # fmt: skip
+    print(
+        to_markdown(rows, shape, args.threads, args.device, load)
+        if args.markdown
+        else format_table(rows, load)
+    )
 
 
 if __name__ == "__main__":

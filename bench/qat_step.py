@@ -37,6 +37,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script
+    sys.path.insert(0, str(ROOT))
+
+from bench._load import LoadCheck  # noqa: E402
+
 SHAPES = ROOT / "configs" / "detectron2" / "shapes"
 FLOAT_CONFIG = SHAPES / "retinanet_R_18_FPN_fullbn_float.yaml"
 QAT_CONFIG = SHAPES / "retinanet_R_18_FPN_fullbn_lsq_w4a4.yaml"
@@ -245,12 +250,13 @@ def to_markdown(
     iters: int,
     rounds: int,
     device: str = "cpu",
+    load: LoadCheck | None = None,
 ) -> str:
     """The table (one row per size, batch and variant) and the verdict on each target, per setting."""
     where = f"{threads} CPU threads" if device == "cpu" else device
     lines = [
         f"RetinaNet R-18 FPN Full-BN (shapes), {where}, median of {iters} steps (best of {rounds} processes), "
-        f"load average {os.getloadavg()[0]:.2f}.",
+        f"{(load or LoadCheck()).line()}.",
         "",
         "| px | batch | variant | s/iter | x float | x float compiled | peak MB | x float | compile s |",
         "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
@@ -319,11 +325,12 @@ def main() -> None:
 
         if not torch.cuda.is_available():
             parser.error("--device cuda: no CUDA device is available to torch")
-    results = run(
-        args.iters, args.warmup, args.threads, tuple(args.batches), tuple(args.sizes), args.rounds,
-        tuple(args.variants), args.device,
-    )  # fmt: skip
-    print(to_markdown(results, args.threads, args.iters, args.rounds, args.device))
+    with LoadCheck() as load:
+        results = run(
+            args.iters, args.warmup, args.threads, tuple(args.batches), tuple(args.sizes), args.rounds,
+            tuple(args.variants), args.device,
+        )  # fmt: skip
+    print(to_markdown(results, args.threads, args.iters, args.rounds, args.device, load))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from bench import fake_quant
 from model_quantization.quantizers import QUANTIZERS
 
@@ -20,3 +22,19 @@ def test_benchmark_covers_every_quantizer_and_renders_markdown():
     assert "Every quantizer fwd+bwd <= 2x ReLU" in markdown  # issue 15: every registered method, judged
     assert "2x4x8x8" in markdown
     assert fake_quant.format_table(rows).count("\n") >= len(rows) + 2
+
+
+def test_a_benchmark_taken_on_a_busy_machine_is_flagged(monkeypatch):
+    """The load average is the machine's state, not the thing under test: set it to both sides."""
+    from bench import _load
+
+    monkeypatch.setattr(_load.os, "getloadavg", lambda: (_load.BUSY_LOAD + 1.2, 0.0, 0.0))
+    with _load.LoadCheck() as busy:
+        pass
+    assert busy.busy and "BUSY" in busy.line() and "measure again on an idle machine" in busy.line()
+    monkeypatch.setattr(_load.os, "getloadavg", lambda: (0.05, 0.0, 0.0))
+    with _load.LoadCheck() as idle:
+        pass
+    assert not idle.busy and idle.line() == "load average 0.05 before, 0.05 after"
+    rows = fake_quant.run((2, 4, 8, 8), torch.get_num_threads(), 4, 1, 1, False, "min", "cpu", None)
+    assert fake_quant.format_table(rows, busy).startswith(busy.line())
