@@ -292,7 +292,7 @@ def _deploy(cfg, run_dir: Path, trainer_class) -> dict:
         return {"onnx_error": str(exc)}
     bbox = evaluate_onnx(cfg, path, model=model)["bbox"]
     logger.info(
-        f"    ONNX Runtime: AP {bbox['AP']:.1f}, {report.file_bytes / 2**20:.2f} MB, "
+        f"    ONNX Runtime: AP {bbox['AP']:.1f}, {report.file_bytes / 1e6:.2f} MB, "
         f"{report.coverage} ({time.perf_counter() - start:.0f} s)"
     )
-    return {"onnx_AP": float(bbox["AP"]), "onnx_mb": report.file_bytes / 2**20}
+    return {"onnx_AP": float(bbox["AP"]), "onnx_mb": report.file_bytes / 1e6}
