@@ -69,6 +69,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="train the float models again even when a run with the same config hash is cached",
     )
     parser.add_argument(
+        "--ptq-only",
+        action="store_true",
+        help="only the float and post-training-quantized rows (no QAT fine-tunes): what PTQ gives in minutes",
+    )
+    parser.add_argument(
         "--skip-onnx",
         action="store_true",
         help="leave out the ONNX AP / ONNX MB columns (each row's integer ONNX export and its evaluation)",
@@ -175,7 +180,7 @@ class Progress:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     mode = dataclasses.replace(MODES[args.mode], seed=args.seed)
-    plan = variants(mode, args.models)
+    plan = variants(mode, args.models, bits=() if args.ptq_only else (4, 3, 2))
     output_dir = (args.output_dir or ROOT / "output" / "demo" / mode.name).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     _setup_logging(output_dir)

@@ -191,7 +191,8 @@ def variants(
 ) -> list[Variant]:
     """The rows the demo runs, in run order, per model: the float run from scratch; the same model
     fine-tuned with exactly the QAT schedule and quantization off (the like-for-like reference: the
-    quantized rows train that much longer than the float run); the QAT fine-tunes; the PTQ rows."""
+    quantized rows train that much longer than the float run; only with QAT rows); the QAT fine-tunes
+    at each of `bits`; the PTQ rows."""
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         raise ValueError(f"unknown demo model(s) {unknown}; choose from {sorted(MODELS)}")
@@ -204,24 +205,25 @@ def variants(
             weight_bits=FLOAT_BITS, activation_bits=FLOAT_BITS, adelaidet=plan.adelaidet,
         )  # fmt: skip
         out.append(base)
-        out.append(
-            dataclasses.replace(
-                base,
-                key=f"{name}/float_finetuned",
-                config=Path("configs") / quantized[max(quantized)],
-                note="fine-tuned like the QAT rows",
-                parent=base.key,
-                # The QAT schedule with quantization (and what only applies to it) off.
-                opts=(
-                    "MODEL.QUANTIZATION.ENABLED",
-                    False,
-                    "MODEL.QUANTIZATION.DISTILLATION.ENABLED",
-                    False,
-                    "MODEL.QUANTIZATION.REINIT_QUANTIZERS",
-                    False,
-                ),
-            )  # fmt: skip
-        )
+        if bits:  # without QAT rows there is nothing to compare like for like
+            out.append(
+                dataclasses.replace(
+                    base,
+                    key=f"{name}/float_finetuned",
+                    config=Path("configs") / quantized[max(quantized)],
+                    note="fine-tuned like the QAT rows",
+                    parent=base.key,
+                    # The QAT schedule with quantization (and what only applies to it) off.
+                    opts=(
+                        "MODEL.QUANTIZATION.ENABLED",
+                        False,
+                        "MODEL.QUANTIZATION.DISTILLATION.ENABLED",
+                        False,
+                        "MODEL.QUANTIZATION.REINIT_QUANTIZERS",
+                        False,
+                    ),
+                )  # fmt: skip
+            )
         for b in bits:
             if b not in quantized:
                 raise ValueError(

@@ -240,3 +240,14 @@ def test_a_seeded_run_repeats_bit_for_bit_and_another_seed_does_not(patched_tree
     assert ap == again and math.isfinite(ap)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], other[k]) for k in a if a[k].is_floating_point())
+
+
+def test_ptq_only_runs_the_float_and_ptq_rows(patched_tree):
+    from demo.__main__ import parse_args
+    from demo.plan import MODES, variants
+
+    args = parse_args(["--ptq-only", "--models", "fcos"])
+    assert args.ptq_only
+    rows = variants(MODES["default"], args.models, bits=())
+    assert [v.key for v in rows] == ["fcos/float", "fcos/ptq_w8a8", "fcos/ptq_w4a8"]
+    assert [v.parent for v in rows] == [None, "fcos/float", "fcos/float"]
