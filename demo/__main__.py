@@ -197,7 +197,12 @@ def main(argv: list[str] | None = None) -> int:
         progress.begin(index, variant)
         parent = results[variant.parent] if variant.parent else None
         result = run_variant(
-            variant, mode, output_dir, parent, reuse=not args.retrain_float, deploy=not args.skip_onnx
+            variant,
+            mode,
+            output_dir,
+            parent,
+            reuse=not args.retrain_float,
+            deploy=not args.skip_onnx and mode.exports(variant),
         )
         results[variant.key] = result
         progress.done(variant, result)

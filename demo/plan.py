@@ -146,6 +146,9 @@ class Mode:
         train_dataset: training split (None: the config's ``DATASETS.TRAIN``).
         seed: detectron2's ``SEED`` (data order, initialisation, augmentation): a re-run reproduces the
             table.
+        onnx_variants: the variants (key suffixes: ``float``, ``lsq_w4a4``, ...) exported to ONNX and
+            evaluated in ONNX Runtime; None: every row. The smoke run exports one row of each kind (float,
+            QAT, PTQ) per model: each export traces the whole network (~25 s here).
     """
 
     name: str
@@ -157,6 +160,11 @@ class Mode:
     calibration_images: int | None = None
     train_dataset: str | None = None
     seed: int = 0
+    onnx_variants: tuple[str, ...] | None = None
+
+    def exports(self, variant: Variant) -> bool:
+        """Whether `variant`'s row gets the ONNX columns in this mode."""
+        return self.onnx_variants is None or variant.key.split("/")[-1] in self.onnx_variants
 
     def opts(self, variant: Variant) -> list:
         """Config overrides (``merge_from_list`` pairs) of `variant` in this mode."""
@@ -180,7 +188,7 @@ class Mode:
 
 MODES: dict[str, Mode] = {
     "quick": Mode("quick", "shapes", float_iters=40, quant_iters=10, test_dataset="shapes_quick_val",
-                  device="cpu", calibration_images=16),
+                  device="cpu", calibration_images=16, onnx_variants=("float", "lsq_w4a4", "ptq_w8a8")),
     "default": Mode("default", "shapes", float_iters=None, quant_iters=None, test_dataset=None, device="cpu"),
     "full": Mode("full", "coco", float_iters=None, quant_iters=None, test_dataset=None, device=None),
 }  # fmt: skip
