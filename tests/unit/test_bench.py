@@ -27,7 +27,7 @@ def test_benchmark_covers_every_quantizer_and_renders_markdown():
 
 
 def test_a_benchmark_taken_on_a_busy_machine_is_flagged():
-    """A real second process keeps a core busy: the check flags it; without it, a quiet machine is not."""
+    """Real processes keep the cores busy: the check flags it; without them, a quiet machine is not."""
     import subprocess
     import sys
 
@@ -35,15 +35,17 @@ def test_a_benchmark_taken_on_a_busy_machine_is_flagged():
 
     with _load.LoadCheck() as quiet:
         pass
-    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
     try:
         with _load.LoadCheck() as busy:
             pass
     finally:
-        hog.kill()
-        hog.wait()
-    cores = os.cpu_count() or 1
-    assert busy.busy_before is not None and busy.busy_before > 0.8 / cores, busy.line()
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+    assert busy.busy_before is not None and busy.busy_before > 0.5, (
+        busy.line()
+    )  # one spinning process per core
     assert busy.busy and "BUSY" in busy.line() and "measure again on an idle machine" in busy.line()
     # the quiet check ran while only pytest (asleep in busy_share) was running, unless CI shares the cores
     assert quiet.busy_before is not None and quiet.busy_before < busy.busy_before
