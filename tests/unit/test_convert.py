@@ -13,23 +13,7 @@ from torch import nn
 from model_quantization import Add, QAdd, QConv2d, QConvTranspose2d, QLinear, convert
 from model_quantization.convert import ConversionReport
 from model_quantization.quantizers import LSQQuantizer
-
-
-class NormConv2d(nn.Conv2d):
-    """Like detectron2.layers.Conv2d: extra norm/activation submodules applied inside forward."""
-
-    def __init__(self, *args, norm=None, activation=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.norm = norm
-        self.activation = activation
-
-    def forward(self, x):
-        x = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-        if self.norm is not None:
-            x = self.norm(x)
-        if self.activation is not None:
-            x = self.activation(x)
-        return x
+from tests.unit.deploy_helpers import NormConv2d
 
 
 class Block(nn.Module):
