@@ -97,15 +97,20 @@ def _link_parent(parent: PhaseResult, source_root: Path, target_root: Path) -> N
         target.symlink_to((source_root / "runs" / parent.key).resolve())
 
 
-def _rows(part: str, model: str, bits: int) -> list[tuple[str, str, Variant, str | None, int]]:
-    """(row name, description, variant, key of the run it starts from, QAT iterations before it)."""
+def _rows(
+    part: str, model: str, bits: int, only: list[str] | None = None
+) -> list[tuple[str, str, Variant, str | None, int]]:
+    """(row name, description, variant, key of the run it starts from, QAT iterations before it).
+
+    `only` keeps the ablation rows of those names (all by default), in ``ABLATIONS``' order.
+    """
     qat = variants(_mode("shapes", 0), [model], bits=(bits,), ptq=())
     target = next(v for v in qat if v.key == f"{model}/lsq_w{bits}a{bits}")
     if part == "recipe":
         return [("recipe", "the demo's recipe (*_mixed configs)", target, f"{model}/float", 0)]
     rows = []
     for name, (description, opts, progressive) in ABLATIONS.items():
-        if progressive and bits == 4:
+        if (progressive and bits == 4) or (only is not None and name not in only):
             continue
         variant = dataclasses.replace(target, key=f"{model}/{name}_w{bits}a{bits}", opts=(*BASELINE, *opts))
         parent = f"{model}/baseline_w4a4" if progressive else f"{model}/float"
@@ -127,7 +132,13 @@ def _float_finetune(part: str, model: str, total_iters: int) -> Variant:
 
 
 def run_part(
-    part: str, dataset: str, seeds: list[int], models: list[str], bits: list[int], root: Path
+    part: str,
+    dataset: str,
+    seeds: list[int],
+    models: list[str],
+    bits: list[int],
+    root: Path,
+    rows: list[str] | None = None,
 ) -> dict:
     """Run (or take from the cache) every run of `part`; returns {model: {bits: {row: stats}}}."""
     summary: dict = {}
@@ -138,7 +149,7 @@ def run_part(
             summary[model] = {"float": {"float": {"AP": [float_result.AP]}}}
             continue
         for b in bits:
-            for name, description, variant, parent_key, before in _rows(part, model, b):
+            for name, description, variant, parent_key, before in _rows(part, model, b, rows):
                 deltas, aps, references = [], [], []
                 for seed in seeds:
                     mode = _mode(dataset, seed)
@@ -204,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         "--models", default=None, help="default: retinanet for the ablation, both for the recipe"
     )
     parser.add_argument("--bits", default=None, help="default: 4,2 for the ablation, 4,3,2 for the recipe")
+    parser.add_argument(
+        "--rows", default=None, help=f"ablation rows to run, comma-separated (default: all of {', '.join(ABLATIONS)})"
+    )
     parser.add_argument("--output-dir", type=Path, default=ROOT / "output" / "study")
     parser.add_argument("--quick", action="store_true", help="smoke run: 20 float and 4 QAT iterations")
     args = parser.parse_args(argv)
@@ -212,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     models = (args.models or ("retinanet" if args.part == "ablation" else "retinanet,fcos")).split(",")
     bits = [int(b) for b in (args.bits or ("4,2" if args.part == "ablation" else "4,3,2")).split(",")]
+    rows = None if args.rows is None else args.rows.split(",")
+    unknown = sorted(set(rows or ()) - set(ABLATIONS))
+    if unknown:
+        parser.error(f"--rows: unknown ablation rows {unknown}; choose from {', '.join(ABLATIONS)}")
     root = (args.output_dir / args.dataset).resolve()
     root.mkdir(parents=True, exist_ok=True)
     from detectron2.utils.logger import setup_logger
@@ -224,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     import model_quantization.detectron2  # noqa: F401  (registers the shapes splits)
 
     start = time.perf_counter()
-    summary = run_part(args.part, args.dataset, seeds, models, bits, root)
+    summary = run_part(args.part, args.dataset, seeds, models, bits, root, rows)
     table = "" if args.part == "float" else markdown(summary, args.part, args.dataset, seeds)
     (root / f"{args.part}.json").write_text(json.dumps(summary, indent=2) + "\n")
     (root / f"{args.part}.md").write_text(table)

@@ -195,6 +195,26 @@ def test_unknown_model_is_a_usage_error_naming_the_choices(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing started
 
 
+def test_study_rows_select_ablation_rows_and_refuse_unknown_ones(patched_tree, tmp_path):
+    """`python -m demo.study ablation --rows a,b` runs those rows only; an unknown name starts nothing."""
+    import model_quantization.detectron2  # noqa: F401
+    from demo.study import _rows
+
+    assert [r[0] for r in _rows("ablation", "retinanet", 2, ["progressive", "baseline"])] == [
+        "baseline",
+        "progressive",
+    ]
+    assert [r[0] for r in _rows("ablation", "retinanet", 4, ["progressive"])] == []  # 2-bit only
+    proc = subprocess.run(
+        [sys.executable, "-m", "demo.study", "ablation", "--rows", "kd,sharpen",
+         "--output-dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "--rows: unknown ablation rows ['sharpen']" in proc.stderr
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize(
     "where, message",
     [
