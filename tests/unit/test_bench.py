@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 from bench import fake_quant
@@ -51,3 +52,11 @@ def test_a_benchmark_taken_on_a_busy_machine_is_flagged():
     assert quiet.busy_before is not None and quiet.busy_before < busy.busy_before
     rows = fake_quant.run((2, 4, 8, 8), torch.get_num_threads(), 4, 1, 1, False, "min", "cpu", None)
     assert fake_quant.format_table(rows, busy).startswith(busy.line())
+
+
+def test_the_fake_quant_benchmark_steadies_glibcs_heap():
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert fake_quant.steady_heap() is True
