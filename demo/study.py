@@ -216,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--bits", default=None, help="default: 4,2 for the ablation, 4,3,2 for the recipe")
     parser.add_argument(
-        "--rows", default=None, help=f"ablation rows to run, comma-separated (default: all of {', '.join(ABLATIONS)})"
+        "--rows",
+        default=None,
+        help=f"ablation rows to run, comma-separated (default: all of {', '.join(ABLATIONS)})",
     )
     parser.add_argument("--output-dir", type=Path, default=ROOT / "output" / "study")
     parser.add_argument("--quick", action="store_true", help="smoke run: 20 float and 4 QAT iterations")
