@@ -116,10 +116,10 @@ def speed(
     float_config, quantized_config = ARCHS[arch]
     variants = [
         ("ONNX Runtime fp32, float model", float_config, [], {}),
-        ("ONNX Runtime integer, LSQ 4/4 mixed, fused", quantized_config, [], {}),
+        ("ONNX Runtime integer, LSQ 4/4 mixed, fused", quantized_config, [], {"kernels": "fused"}),
         ("ONNX Runtime integer, LSQ 4/4 mixed, exact", quantized_config, [], {"kernels": "exact"}),
-        ("ONNX Runtime integer, LSQ 8/8, fused (auto containers)", quantized_config, EIGHT_BITS, {}),
-        ("ONNX Runtime integer, LSQ 8/8, fused (int8: VNNI)", quantized_config, EIGHT_BITS, {"weight_container": "int8"}),
+        ("ONNX Runtime integer, LSQ 8/8, fused (auto containers)", quantized_config, EIGHT_BITS, {"kernels": "fused"}),
+        ("ONNX Runtime integer, LSQ 8/8, fused (int8: VNNI)", quantized_config, EIGHT_BITS, {"kernels": "fused", "weight_container": "int8"}),
     ]  # fmt: skip
     rows = []
     float_network = divisibility = None

@@ -79,6 +79,12 @@ def markdown_table(results: list[PhaseResult]) -> str:
     ]
     lines += ["| " + " | ".join(row) + " |" for row in _rows(results)]
     refusals = [f"- {r.model} {r.bits}: ONNX export refused: {r.onnx_error}" for r in results if r.onnx_error]
+    refusals += [
+        f"- {r.model} {r.bits}: ONNX AP with exact integer kernels (ConvInteger, float biases): the fused "
+        f"kernels failed gate 2 on the parity images"
+        for r in results
+        if r.onnx_kernels == "exact"
+    ]
     return "\n".join(lines) + "\n" + ("\n" + "\n".join(refusals) + "\n" if refusals else "")
 
 

@@ -31,7 +31,9 @@ class PhaseResult:
 
     ``iterations`` is 0 for a calibrated (PTQ) row; its ``train_seconds`` is the calibration time.
     ``onnx_AP`` / ``onnx_mb``: box AP of the exported integer ONNX model run by ONNX Runtime (same test
-    mapper, upstream post-processing) and the ONNX file's size; ``onnx_error`` says why a row has none.
+    mapper, upstream post-processing) and the ONNX file's size; ``onnx_error`` says why a row has none;
+    ``onnx_kernels``: the integer kernels the export chose (``fused``, or ``exact`` where the fused ones
+    failed gate 2 on the parity images).
     """
 
     key: str
@@ -55,6 +57,7 @@ class PhaseResult:
     onnx_AP: float | None = None
     onnx_mb: float | None = None
     onnx_error: str | None = None
+    onnx_kernels: str | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -263,10 +266,11 @@ def run_variant(
 
 
 def _fill_onnx(result: PhaseResult, deployed: dict) -> None:
-    result.onnx_AP, result.onnx_mb, result.onnx_error = (
+    result.onnx_AP, result.onnx_mb, result.onnx_error, result.onnx_kernels = (
         deployed.get("onnx_AP"),
         deployed.get("onnx_mb"),
         deployed.get("onnx_error"),
+        deployed.get("onnx_kernels"),
     )
 
 
@@ -286,13 +290,20 @@ def _deploy(cfg, run_dir: Path, trainer_class) -> dict:
     path = run_dir / "model.onnx"
     start = time.perf_counter()
     try:
-        report = export_model(cfg, model, path, parity_images=0)
+        # Two parity images: enough for kernels="auto" to see fused kernels that drift (gate 2), a few s.
+        report = export_model(cfg, model, path, parity_images=2)
     except ExportError as exc:
         logger.warning(f"    ONNX export refused: {exc}")
         return {"onnx_error": str(exc)}
+    for note in report.notes:
+        logger.warning(f"    ONNX export: {note}")
     bbox = evaluate_onnx(cfg, path, model=model)["bbox"]
     logger.info(
-        f"    ONNX Runtime: AP {bbox['AP']:.1f}, {report.file_bytes / 1e6:.2f} MB, "
-        f"{report.coverage} ({time.perf_counter() - start:.0f} s)"
+        f"    ONNX Runtime: AP {bbox['AP']:.1f}, {report.file_bytes / 1e6:.2f} MB, {report.passes.kernels} "
+        f"kernels, {report.coverage} ({time.perf_counter() - start:.0f} s)"
     )
-    return {"onnx_AP": float(bbox["AP"]), "onnx_mb": report.file_bytes / 1e6}
+    return {
+        "onnx_AP": float(bbox["AP"]),
+        "onnx_mb": report.file_bytes / 1e6,
+        "onnx_kernels": report.passes.kernels,
+    }

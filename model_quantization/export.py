@@ -24,6 +24,9 @@ __all__ = ["load_model", "main", "parse_args"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from model_quantization.deploy.api import EXPORT_KERNELS
+    from model_quantization.deploy.parity import MIN_COSINE
+
     parser = argparse.ArgumentParser(
         prog="python -m model_quantization.export",
         description=__doc__.split("\n\n")[0],
@@ -42,11 +45,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--kernels",
-        choices=("fused", "exact", "qdq"),
-        default="fused",
-        help="fused: QLinearConv where ONNX Runtime fuses (int32 biases), ConvInteger elsewhere (default); "
+        choices=EXPORT_KERNELS,
+        default="auto",
+        help="auto: fused unless gate 2 fails on the parity images, then exact (default); "
+        "fused: QLinearConv where ONNX Runtime fuses (int32 biases), ConvInteger elsewhere; "
         "exact: ConvInteger everywhere (float biases: bit-faithful to the Q/DQ reference, slower); "
         "qdq: the plain Q/DQ graph for other runtimes",
+    )
+    parser.add_argument(
+        "--min-engine-cosine",
+        type=float,
+        default=MIN_COSINE,
+        help=f"with --kernels auto: least head-output cosine of the fused engine vs the reference that keeps "
+        f"it (default {MIN_COSINE}, gate 2; 1.0: only an exact engine)",
     )
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: its own)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
@@ -133,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             weight_container=args.weight_container,
             kernels=args.kernels,
             threads=1 if args.threads is None else args.threads,
+            min_engine_cosine=args.min_engine_cosine,
         )
     except ExportError as exc:
         print(f"export refused: {exc}", file=sys.stderr)
