@@ -68,6 +68,8 @@ ABLATIONS: dict[str, tuple[str, tuple, bool]] = {
     "freeze_bn": ("+ BN statistics frozen for the last 25%", ("MODEL.QUANTIZATION.FREEZE_BN_AFTER", 0.75), False),
     "precise_bn": ("+ BN statistics re-estimated after QAT (50 batches)", ("TEST.PRECISE_BN.ENABLED", True, "TEST.PRECISE_BN.NUM_ITER", 50), False),
     "progressive": ("+ progressive: from the 4-bit QAT run (2-bit only)", ("MODEL.QUANTIZATION.REINIT_QUANTIZERS", True), True),
+    # Not a recipe option: the baseline trained through torch.compile, to see that it reaches the eager AP.
+    "compiled": ("the baseline, compiled (MODEL.QUANTIZATION.COMPILE)", ("MODEL.QUANTIZATION.COMPILE", True), False),
 }  # fmt: skip
 
 PARTS = ("ablation", "recipe", "float")
