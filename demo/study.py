@@ -141,8 +141,13 @@ def run_part(
     bits: list[int],
     root: Path,
     rows: list[str] | None = None,
+    onnx: bool = False,
 ) -> dict:
-    """Run (or take from the cache) every run of `part`; returns {model: {bits: {row: stats}}}."""
+    """Run (or take from the cache) every run of `part`; returns {model: {bits: {row: stats}}}.
+
+    With `onnx`, every quantized run is also exported to integer ONNX and evaluated in ONNX Runtime (the
+    demo's ONNX AP column, gate 3), cached runs included; ``onnx_AP`` lists it per seed.
+    """
     summary: dict = {}
     for model in models:
         float_result = _float_run(model, dataset, root)
@@ -152,7 +157,7 @@ def run_part(
             continue
         for b in bits:
             for name, description, variant, parent_key, before in _rows(part, model, b, rows):
-                deltas, aps, references = [], [], []
+                deltas, aps, references, onnx_aps = [], [], [], []
                 for seed in seeds:
                     mode = _mode(dataset, seed)
                     seed_root = root / f"seed{seed}"
@@ -164,7 +169,7 @@ def run_part(
                             four, mode, seed_root, float_result, cache_quantized=True, deploy=False
                         )
                     result = run_variant(
-                        variant, mode, seed_root, results[parent_key], cache_quantized=True, deploy=False
+                        variant, mode, seed_root, results[parent_key], cache_quantized=True, deploy=onnx
                     )
                     length = before + result.iterations
                     reference = run_variant(
@@ -173,6 +178,7 @@ def run_part(
                     deltas.append(result.AP - reference.AP)
                     aps.append(result.AP)
                     references.append(reference.AP)
+                    onnx_aps.append(result.onnx_AP)
                     logger.info(
                         f"[study] {dataset} {model} {b}-bit {name} seed {seed}: AP {result.AP:.1f} "
                         f"(float fine-tuned {length} it: {reference.AP:.1f}, ΔAP {result.AP - reference.AP:+.1f})"
@@ -185,25 +191,36 @@ def run_part(
                     "delta_mean": statistics.mean(deltas),
                     "delta_std": statistics.stdev(deltas) if len(deltas) > 1 else 0.0,
                     "float_AP": float_result.AP,
+                    "onnx_AP": onnx_aps if onnx else None,
                 }
     return summary
 
 
 def markdown(summary: dict, part: str, dataset: str, seeds: list[int]) -> str:
-    """One table: model, bits, row, mean AP, like-for-like float AP, ΔAP mean ± std."""
+    """One table: model, bits, row, mean AP, like-for-like float AP, ΔAP mean ± std (and, where the runs
+    were exported, ONNX Runtime AP minus PyTorch AP per seed)."""
+    with_onnx = any(
+        s.get("onnx_AP") for by_bits in summary.values() for rows in by_bits.values() for s in rows.values()
+    )
     lines = [
         f"{part} on `{DATASETS[dataset][1]}` (trained on `{DATASETS[dataset][0]}`), seeds {seeds}: mean ± std "
         f"of ΔAP against the float model fine-tuned by the same schedule, same seed.",
         "",
-        "| model | bits | variant | AP | float fine-tuned AP | ΔAP |",
-        "|---|---:|---|---:|---:|---:|",
+        "| model | bits | variant | AP | float fine-tuned AP | ΔAP |"
+        + (" ONNX - PyTorch AP |" if with_onnx else ""),
+        "|---|---:|---|---:|---:|---:|" + ("---:|" if with_onnx else ""),
     ]
     for model, by_bits in summary.items():
         for b, rows in by_bits.items():
             for name, s in rows.items():
+                onnx = ""
+                if with_onnx:
+                    pairs = zip(s.get("onnx_AP") or [], s["AP"], strict=False)
+                    onnx = " " + ", ".join("-" if o is None else f"{o - a:+.2f}" for o, a in pairs) + " |"
                 lines.append(
                     f"| {MODELS[model].model} | {b}/{b} | {name}: {s['description']} | {statistics.mean(s['AP']):.1f} "
                     f"| {statistics.mean(s['float_finetuned_AP']):.1f} | {s['delta_mean']:+.1f} ± {s['delta_std']:.1f} |"
+                    + onnx
                 )
     return "\n".join(lines) + "\n"
 
@@ -221,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
         "--rows",
         default=None,
         help=f"ablation rows to run, comma-separated (default: all of {', '.join(ABLATIONS)})",
+    )
+    parser.add_argument(
+        "--onnx", action="store_true", help="also export every quantized run and evaluate it in ONNX Runtime"
     )
     parser.add_argument("--output-dir", type=Path, default=ROOT / "output" / "study")
     parser.add_argument("--quick", action="store_true", help="smoke run: 20 float and 4 QAT iterations")
@@ -246,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     import model_quantization.detectron2  # noqa: F401  (registers the shapes splits)
 
     start = time.perf_counter()
-    summary = run_part(args.part, args.dataset, seeds, models, bits, root, rows)
+    summary = run_part(args.part, args.dataset, seeds, models, bits, root, rows, args.onnx)
     table = "" if args.part == "float" else markdown(summary, args.part, args.dataset, seeds)
     (root / f"{args.part}.json").write_text(json.dumps(summary, indent=2) + "\n")
     (root / f"{args.part}.md").write_text(table)

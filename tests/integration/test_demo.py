@@ -215,6 +215,19 @@ def test_study_rows_select_ablation_rows_and_refuse_unknown_ones(patched_tree, t
     assert not any(tmp_path.iterdir())
 
 
+def test_study_table_shows_onnx_minus_pytorch_ap_per_seed_when_exported():
+    from demo.study import markdown
+
+    row = {"description": "d", "AP": [40.0, 41.0], "float_finetuned_AP": [43.0, 43.0], "delta_mean": -2.5,
+           "delta_std": 0.7}  # fmt: skip
+    exported = markdown(
+        {"retinanet": {"4": {"kd": {**row, "onnx_AP": [40.25, None]}}}}, "ablation", "shapes", [0, 1]
+    )
+    assert "| ONNX - PyTorch AP |" in exported and "| -2.5 ± 0.7 | +0.25, - |" in exported
+    plain = markdown({"retinanet": {"4": {"kd": {**row, "onnx_AP": None}}}}, "ablation", "shapes", [0, 1])
+    assert "ONNX" not in plain and plain.rstrip().endswith("| -2.5 ± 0.7 |")
+
+
 @pytest.mark.parametrize(
     "where, message",
     [
