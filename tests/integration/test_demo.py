@@ -67,6 +67,7 @@ def test_quick_demo_writes_a_table_of_real_evaluations(quick_demo):
             continue
         assert row["onnx_error"] is None and 0 <= row["onnx_AP"] <= 100, row
         assert (output / "runs" / key / "model.onnx").stat().st_size == round(row["onnx_mb"] * 1e6)
+        assert row["onnx_kernels"] in ("fused", "exact"), row  # kernels="auto" chose by gate 2
     for model in ("retinanet", "fcos"):
         onnx_mb = {v: rows[f"{model}/{v}"]["onnx_mb"] for v in exported}
         # int8 containers: a quarter of the float file (plus scales), for QAT and PTQ alike
@@ -74,7 +75,9 @@ def test_quick_demo_writes_a_table_of_real_evaluations(quick_demo):
         row = rows[f"{model}/float"]  # the float network runs the same math in ONNX Runtime
         assert abs(row["onnx_AP"] - row["AP"]) <= 0.3, row
     table = (output / "results.md").read_text()
-    assert table.count("\n") == 2 + len(EXPECTED_KEYS)
+    assert sum(line.startswith("| ") for line in table.splitlines()) == 1 + len(EXPECTED_KEYS)
+    exact = [row for row in rows.values() if row["onnx_kernels"] == "exact"]  # each one footnoted
+    assert table.count("ONNX AP with exact integer kernels") == len(exact), table
     assert table.splitlines()[0].endswith("| size MB | ONNX AP | ONNX MB |")
     assert (
         "| 2/2 (8-bit stem, predictors, sums) |" in table
