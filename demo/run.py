@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import statistics
@@ -140,10 +141,27 @@ def _trainer_class(adelaidet: bool, write_period: int, print_period: int):
     return DemoTrainer
 
 
+def box_metrics(bbox: dict, what: str) -> dict[str, float]:
+    """AP, AP50, AP75 of COCOEvaluator's ``bbox`` results; a model that detected nothing scores 0, not NaN.
+
+    detectron2's COCOEvaluator reports NaN for every metric when the model made no prediction at all
+    ("No predictions from the model!"), and a NaN would turn a study's mean and the table's ΔAP into NaN.
+    COCO's AP of an empty detection set is 0 (nothing recalled); the collapse is logged as a warning naming
+    `what`.
+    """
+    metrics = {k: float(bbox[k]) for k in METRICS}
+    if all(math.isnan(v) for v in metrics.values()):
+        logger.warning(
+            f"    {what}: no detections above the score threshold on the test set; AP counted as 0"
+        )
+        return {k: 0.0 for k in METRICS}
+    return metrics
+
+
 def _evaluate(trainer_class, cfg, model) -> tuple[dict, float]:
     start = time.perf_counter()
     bbox = trainer_class.test(cfg, model)["bbox"]
-    return {k: float(bbox[k]) for k in METRICS}, time.perf_counter() - start
+    return box_metrics(bbox, cfg.OUTPUT_DIR), time.perf_counter() - start
 
 
 def _seed(cfg) -> None:
@@ -297,7 +315,7 @@ def _deploy(cfg, run_dir: Path, trainer_class) -> dict:
         return {"onnx_error": str(exc)}
     for note in report.notes:
         logger.warning(f"    ONNX export: {note}")
-    bbox = evaluate_onnx(cfg, path, model=model)["bbox"]
+    bbox = box_metrics(evaluate_onnx(cfg, path, model=model)["bbox"], f"{path} in ONNX Runtime")
     logger.info(
         f"    ONNX Runtime: AP {bbox['AP']:.1f}, {report.file_bytes / 1e6:.2f} MB, {report.passes.kernels} "
         f"kernels, {report.coverage} ({time.perf_counter() - start:.0f} s)"

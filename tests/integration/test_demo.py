@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 VARIANTS = ("float", "float_finetuned", "lsq_w4a4", "lsq_w3a3", "lsq_w2a2", "ptq_w8a8", "ptq_w4a8")
@@ -229,6 +230,34 @@ def test_study_table_shows_onnx_minus_pytorch_ap_per_seed_when_exported():
     assert "| ONNX - PyTorch AP |" in exported and "| -2.5 ± 0.7 | +0.25, - |" in exported
     plain = markdown({"retinanet": {"4": {"kd": {**row, "onnx_AP": None}}}}, "ablation", "shapes", [0, 1])
     assert "ONNX" not in plain and plain.rstrip().endswith("| -2.5 ± 0.7 |")
+
+
+def test_a_model_that_detects_nothing_scores_zero_not_nan(patched_tree, caplog):
+    """COCOEvaluator on an empty prediction set gives NaN (detectron2: "No predictions from the model!");
+    the demo and the study count it as AP 0 and say so (a 2-bit study run collapsed like that), so that a
+    mean over seeds and a ΔAP stay numbers."""
+    import logging
+    import math
+
+    from detectron2.data import DatasetCatalog
+    from detectron2.evaluation import COCOEvaluator
+    from detectron2.structures import Boxes, Instances
+
+    import model_quantization.detectron2  # noqa: F401  (registers the shapes splits)
+    from demo.run import box_metrics
+
+    evaluator = COCOEvaluator("shapes_tiny_val", tasks=("bbox",), distributed=False)
+    evaluator.reset()
+    for d in DatasetCatalog.get("shapes_tiny_val")[:3]:
+        empty = Instances((d["height"], d["width"]), pred_boxes=Boxes(torch.zeros(0, 4)))
+        empty.scores, empty.pred_classes = torch.zeros(0), torch.zeros(0, dtype=torch.long)
+        evaluator.process([{"image_id": d["image_id"]}], [{"instances": empty}])
+    bbox = evaluator.evaluate()["bbox"]
+    assert math.isnan(bbox["AP"])  # detectron2's own answer
+    with caplog.at_level(logging.WARNING, logger="demo"):
+        assert box_metrics(bbox, "collapsed run") == {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
+    assert "collapsed run: no detections above the score threshold" in caplog.text
+    assert box_metrics({"AP": 41.5, "AP50": 60.0, "AP75": 45.0, "APs": math.nan}, "x")["AP"] == 41.5
 
 
 @pytest.mark.parametrize(
