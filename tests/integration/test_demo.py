@@ -188,15 +188,20 @@ def test_default_mode_runs_the_configs_own_schedule(patched_tree, tmp_path):
         assert (ROOT / variant.config).is_file()
 
 
-def test_unknown_model_is_a_usage_error_naming_the_choices(tmp_path):
+def _usage_error(module: str, *args: str, output: Path) -> str:
+    """stderr of ``python -m module args --output-dir output``, which must exit 2 having started nothing."""
     proc = subprocess.run(
-        [sys.executable, "-m", "demo", "--quick", "--models", "retinanet,yolo",
-         "--output-dir", str(tmp_path)],
+        [sys.executable, "-m", module, *args, "--output-dir", str(output)],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert proc.returncode == 2
-    assert "--models: unknown ['yolo']; choose from retinanet, fcos" in proc.stderr
-    assert not any(tmp_path.iterdir())  # nothing started
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert not any(output.iterdir())  # nothing started
+    return proc.stderr
+
+
+def test_unknown_model_is_a_usage_error_naming_the_choices(tmp_path):
+    stderr = _usage_error("demo", "--quick", "--models", "retinanet,yolo", output=tmp_path)
+    assert "--models: unknown ['yolo']; choose from retinanet, fcos" in stderr
 
 
 def test_study_rows_select_ablation_rows_and_refuse_unknown_ones(patched_tree, tmp_path):
@@ -209,14 +214,8 @@ def test_study_rows_select_ablation_rows_and_refuse_unknown_ones(patched_tree, t
         "progressive",
     ]
     assert [r[0] for r in _rows("ablation", "retinanet", 4, ["progressive"])] == []  # 2-bit only
-    proc = subprocess.run(
-        [sys.executable, "-m", "demo.study", "ablation", "--rows", "kd,sharpen",
-         "--output-dir", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert proc.returncode == 2
-    assert "--rows: unknown ablation rows ['sharpen']" in proc.stderr
-    assert not any(tmp_path.iterdir())
+    stderr = _usage_error("demo.study", "ablation", "--rows", "kd,sharpen", output=tmp_path)
+    assert "--rows: unknown ablation rows ['sharpen']" in stderr
 
 
 def test_study_table_shows_onnx_minus_pytorch_ap_per_seed_when_exported():
