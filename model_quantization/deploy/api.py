@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from .detectors import DetectorAdapter, adapter_for
-from .exporter import DEFAULT_OPSET, ExportedNetwork, export_network, node_counts, write_atomic
+from .exporter import DEFAULT_OPSET, ExportedNetwork, export_network, node_counts, with_kernels, write_atomic
 from .lowering import LoweringSummary
-from .onnx_passes import PassReport
+from .onnx_passes import KERNELS, PassReport
 from .parity import MIN_COSINE, EngineParity, ReferenceParity, engine_parity, reference_parity
 from .runtime import Coverage, integer_coverage, make_session
 
@@ -42,7 +42,7 @@ __all__ = [
 MIN_INTEGER_COVERAGE = 0.95
 REPORTED_OPS = ("QuantizeLinear", "DequantizeLinear", "Clip", "ConvInteger", "Conv")
 #: ``kernels`` of :func:`export_model`: ``auto`` (fused unless gate 2 says otherwise) or one of the graph's.
-EXPORT_KERNELS = ("auto", "fused", "exact", "qdq")
+EXPORT_KERNELS = ("auto", *KERNELS)
 
 
 @dataclass
@@ -188,16 +188,7 @@ def export_model(
         if parity_images > 0:
             images = [adapter.preprocess([x])[0] for x in sample_inputs(cfg, parity_images, dataset)]
 
-        def export(graph_kernels: str) -> tuple[ExportedNetwork, ExportReport]:
-            exported = export_network(
-                network,
-                adapter.example_input(),
-                adapter.output_names(),
-                dynamic_shapes=adapter.dynamic_shapes(),
-                opset=opset,
-                weight_container=weight_container,
-                kernels=graph_kernels,
-            )
+        def measured(exported: ExportedNetwork) -> ExportReport:
             report = ExportReport(
                 path=Path(path),
                 architecture=adapter.description,
@@ -211,12 +202,22 @@ def export_model(
             )
             if images:
                 measure_parity(report, network, exported, images, threads)
-            return exported, report
+            return report
 
-        exported, report = export("fused" if kernels == "auto" else kernels)
+        exported = export_network(
+            network,
+            adapter.example_input(),
+            adapter.output_names(),
+            dynamic_shapes=adapter.dynamic_shapes(),
+            opset=opset,
+            weight_container=weight_container,
+            kernels="fused" if kernels == "auto" else kernels,
+        )
+        report = measured(exported)
         if kernels == "auto" and report.engine is not None and report.engine.min_cosine < min_engine_cosine:
             fused = report.engine
-            exported, report = export("exact")
+            exported = with_kernels(exported, "exact")
+            report = measured(exported)
             report.notes.append(
                 f"kernels auto: the fused integer kernels failed gate 2 (min cosine {fused.min_cosine:.6f} < "
                 f"{min_engine_cosine}; {fused}), so every quantized conv is a ConvInteger with a float "

@@ -33,7 +33,14 @@ from .lowering import LoweringSummary, TapRecorder, check_levels, lower, reset_l
 from .onnx_passes import PassReport, prepare_for_onnxruntime, remove_unused
 from .ops import LIBRARY, TRANSLATIONS
 
-__all__ = ["DEFAULT_OPSET", "ExportedNetwork", "export_network", "node_counts", "write_atomic"]
+__all__ = [
+    "DEFAULT_OPSET",
+    "ExportedNetwork",
+    "export_network",
+    "node_counts",
+    "with_kernels",
+    "write_atomic",
+]
 
 #: ONNX opset of the exported graphs: torch.onnx's dynamo exporter translates natively from 18 (>= 17, the
 #: first with per-axis DequantizeLinear everywhere we need it).
@@ -67,6 +74,8 @@ class ExportedNetwork:
         tap_names: the debug graph's extra outputs, ``<quantizer>#<call>``.
         lowering: what lowering did (quantized modules, activation grids, folded norms).
         passes: what the ONNX Runtime passes changed.
+        traced: the debug graph before those passes (what :func:`with_kernels` starts from).
+        weight_container: the container the passes were asked for.
     """
 
     deploy: onnx.ModelProto
@@ -75,6 +84,8 @@ class ExportedNetwork:
     tap_names: list[str]
     lowering: LoweringSummary
     passes: PassReport
+    traced: onnx.ModelProto
+    weight_container: str
 
 
 def _check_standard(model: onnx.ModelProto) -> None:
@@ -149,6 +160,19 @@ def export_network(
     # for other input sizes (measured: FCOS's per-level Scale output annotated [N, 4, 1, 1]); ONNX Runtime
     # plans buffers from them. Its own shape inference needs none of them.
     del debug.graph.value_info[:]
+    return _prepared(debug, list(output_names), tap_names, summary, weight_container, kernels)
+
+
+def _prepared(
+    traced: onnx.ModelProto,
+    output_names: list[str],
+    tap_names: list[str],
+    summary: LoweringSummary,
+    weight_container: str,
+    kernels: str,
+) -> ExportedNetwork:
+    """Run the ONNX Runtime passes on a copy of the traced debug graph and cut the deploy graph from it."""
+    debug = copy.deepcopy(traced)
     passes = prepare_for_onnxruntime(debug, weight_container, kernels=kernels)
     deploy = copy.deepcopy(debug)
     kept = [o for o in deploy.graph.output if o.name in set(output_names)]
@@ -156,7 +180,15 @@ def export_network(
     deploy.graph.output.extend(kept)
     remove_unused(deploy)
     onnx.checker.check_model(deploy)
-    return ExportedNetwork(deploy, debug, list(output_names), tap_names, summary, passes)
+    return ExportedNetwork(deploy, debug, output_names, tap_names, summary, passes, traced, weight_container)
+
+
+def with_kernels(exported: ExportedNetwork, kernels: str) -> ExportedNetwork:
+    """The same traced network with other integer kernels: only the ONNX passes run again, not the trace."""
+    return _prepared(
+        exported.traced, exported.output_names, exported.tap_names, exported.lowering,
+        exported.weight_container, kernels,
+    )  # fmt: skip
 
 
 def node_counts(model: onnx.ModelProto, ops: Sequence[str] | None = None) -> dict[str, int]:
