@@ -48,6 +48,10 @@ def test_quick_demo_writes_a_table_of_real_evaluations(quick_demo):
             assert row["seconds_per_iter"] > 0 and row["iterations"] == (40 if row["parent"] is None else 10)
         assert row["seed"] == 0
         assert (output / "runs" / row["key"] / "model_final.pth").is_file()
+        if row["kind"] == "train":  # the *_mixed recipe distills from the float model it starts from
+            logged = set().union(*map(json.loads, (output / "runs" / row["key"] / "metrics.json").open()))
+            distilled = {"loss_kd_logits", "loss_kd_box"} <= logged
+            assert distilled == ("lsq" in row["key"]), (row["key"], sorted(logged))
     # COCOEvaluator's own numbers (its log table prints them with 3 decimals), nothing computed on the side
     log = (output / "log.txt").read_text()
     # one evaluation of the PyTorch model per row, and one of each exported ONNX file (3 rows per model)
