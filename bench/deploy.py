@@ -62,7 +62,9 @@ def _cfg(config: Path, opts: list):
 
     cfg = get_cfg()
     cfg.merge_from_file(str(config))
-    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *opts])
+    # Random weights, never trained: no distillation teacher (the *_mixed recipe's KD reads MODEL.WEIGHTS).
+    no_teacher = ["MODEL.QUANTIZATION.DISTILLATION.ENABLED", False] if cfg.MODEL.QUANTIZATION.ENABLED else []
+    cfg.merge_from_list(["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", *no_teacher, *opts])
     return cfg
 
 
