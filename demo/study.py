@@ -70,6 +70,11 @@ ABLATIONS: dict[str, tuple[str, tuple, bool]] = {
     "progressive": ("+ progressive: from the 4-bit QAT run (2-bit only)", ("MODEL.QUANTIZATION.REINIT_QUANTIZERS", True), True),
     # The two options that helped most alone (3 seeds, 4 and 2 bits), together: the recipe candidate.
     "kd_init_mse": ("+ distillation and MSE step initialisation together", ("MODEL.QUANTIZATION.DISTILLATION.ENABLED", True, "MODEL.QUANTIZATION.WEIGHT.OPTIONS", {"INIT_METHOD": "mse"}, "MODEL.QUANTIZATION.ACTIVATION.OPTIONS", {"INIT_METHOD": "mse", "INIT_BATCHES": 4}), False),
+    # The fine-tune's learning rate (SOLVER.* overrides; the like-for-like float row uses them too). The
+    # baseline's 0.01 was chosen against an unconverged float (the float's peak LR, README); from a converged
+    # float the same schedule lowered the float itself by 1.5 AP.
+    "kd_lr002": ("+ distillation, fine-tune LR 0.002", ("MODEL.QUANTIZATION.DISTILLATION.ENABLED", True, "SOLVER.BASE_LR", 0.002), False),
+    "kd_lr004": ("+ distillation, fine-tune LR 0.004", ("MODEL.QUANTIZATION.DISTILLATION.ENABLED", True, "SOLVER.BASE_LR", 0.004), False),
     # Not a recipe option: the baseline trained through torch.compile, to see that it reaches the eager AP.
     "compiled": ("the baseline, compiled (MODEL.QUANTIZATION.COMPILE)", ("MODEL.QUANTIZATION.COMPILE", True), False),
 }  # fmt: skip
@@ -101,37 +106,49 @@ def _link_parent(parent: PhaseResult, source_root: Path, target_root: Path) -> N
         target.symlink_to((source_root / "runs" / parent.key).resolve())
 
 
+def _schedule(opts: tuple) -> tuple:
+    """The ``SOLVER.*`` pairs of a row's overrides: the like-for-like float row trains with them too."""
+    pairs = zip(opts[::2], opts[1::2], strict=True)
+    return tuple(item for key, value in pairs if key.startswith("SOLVER.") for item in (key, value))
+
+
 def _rows(
     part: str, model: str, bits: int, only: list[str] | None = None
-) -> list[tuple[str, str, Variant, str | None, int]]:
-    """(row name, description, variant, key of the run it starts from, QAT iterations before it).
+) -> list[tuple[str, str, Variant, str | None, int, tuple]]:
+    """(row name, description, variant, key of the run it starts from, QAT iterations before it, the row's
+    own ``SOLVER.*`` overrides).
 
     `only` keeps the ablation rows of those names (all by default), in ``ABLATIONS``' order.
     """
     qat = variants(_mode("shapes", 0), [model], bits=(bits,), ptq=())
     target = next(v for v in qat if v.key == f"{model}/lsq_w{bits}a{bits}")
     if part == "recipe":
-        return [("recipe", "the demo's recipe (*_mixed configs)", target, f"{model}/float", 0)]
+        return [("recipe", "the demo's recipe (*_mixed configs)", target, f"{model}/float", 0, ())]
     rows = []
     for name, (description, opts, progressive) in ABLATIONS.items():
         if (progressive and bits == 4) or (only is not None and name not in only):
             continue
         variant = dataclasses.replace(target, key=f"{model}/{name}_w{bits}a{bits}", opts=(*BASELINE, *opts))
         parent = f"{model}/baseline_w4a4" if progressive else f"{model}/float"
-        rows.append((name, description, variant, parent, 200 if progressive else 0))
+        rows.append((name, description, variant, parent, 200 if progressive else 0, _schedule(opts)))
     return rows
 
 
-def _float_finetune(part: str, model: str, total_iters: int) -> Variant:
-    """The like-for-like float row: the QAT schedule (`total_iters` long), quantization off."""
+def _float_finetune(part: str, model: str, total_iters: int, schedule: tuple = ()) -> Variant:
+    """The like-for-like float row: the QAT schedule (`total_iters` long, with the row's `schedule`
+    overrides), quantization off."""
     reference = variants(_mode("shapes", 0), [model], bits=(4,), ptq=())[1]
     if part == "recipe":  # the demo's own like-for-like row: the recipe's schedule
         return reference
     steps = (round(total_iters * 0.75),)
+    suffix = "".join(
+        f"_{key.split('.')[-1].lower()}{value}"
+        for key, value in zip(schedule[::2], schedule[1::2], strict=True)
+    )
     return dataclasses.replace(
         reference,
-        key=f"{model}/float_finetuned_{total_iters}",
-        opts=(*reference.opts, *SCHEDULE, "SOLVER.MAX_ITER", total_iters, "SOLVER.STEPS", steps),
+        key=f"{model}/float_finetuned_{total_iters}{suffix}",
+        opts=(*reference.opts, *SCHEDULE, *schedule, "SOLVER.MAX_ITER", total_iters, "SOLVER.STEPS", steps),
     )
 
 
@@ -158,7 +175,7 @@ def run_part(
             summary[model] = {"float": {"float": {"AP": [float_result.AP]}}}
             continue
         for b in bits:
-            for name, description, variant, parent_key, before in _rows(part, model, b, rows):
+            for name, description, variant, parent_key, before, schedule in _rows(part, model, b, rows):
                 deltas, aps, references, onnx_aps = [], [], [], []
                 for seed in seeds:
                     mode = _mode(dataset, seed)
@@ -175,7 +192,11 @@ def run_part(
                     )
                     length = before + result.iterations
                     reference = run_variant(
-                        _float_finetune(part, model, length), mode, seed_root, float_result, deploy=False
+                        _float_finetune(part, model, length, schedule),
+                        mode,
+                        seed_root,
+                        float_result,
+                        deploy=False,
                     )
                     deltas.append(result.AP - reference.AP)
                     aps.append(result.AP)

@@ -222,6 +222,24 @@ def test_study_rows_select_ablation_rows_and_refuse_unknown_ones(patched_tree, t
     assert "--rows: unknown ablation rows ['sharpen']" in stderr
 
 
+def test_a_study_row_that_changes_the_schedule_is_compared_with_a_float_trained_by_that_schedule(
+    patched_tree,
+):
+    """A row's SOLVER.* overrides (e.g. the fine-tune LR) apply to its like-for-like float row too, which gets
+    its own run (another cache key): a QAT row is never compared with a float fine-tuned differently."""
+    import model_quantization.detectron2  # noqa: F401
+    from demo.plan import MODELS
+    from demo.study import _float_finetune, _rows
+
+    rows = {r[0]: r for r in _rows("ablation", "retinanet", 4, ["kd", "kd_lr002"])}
+    assert rows["kd"][5] == () and rows["kd_lr002"][5] == ("SOLVER.BASE_LR", 0.002)
+    plain, slow = (_float_finetune("ablation", "retinanet", 200, rows[n][5]) for n in ("kd", "kd_lr002"))
+    assert plain.key != slow.key and MODELS["retinanet"].name in slow.key
+    last = {k: v for k, v in zip(slow.opts[::2], slow.opts[1::2], strict=True)}  # the last value wins
+    assert last["SOLVER.BASE_LR"] == 0.002 and last["SOLVER.MAX_ITER"] == 200
+    assert rows["kd_lr002"][2].opts[-2:] == ("SOLVER.BASE_LR", 0.002)  # ... as in the QAT row itself
+
+
 def test_study_table_shows_onnx_minus_pytorch_ap_per_seed_when_exported():
     from demo.study import markdown
 
