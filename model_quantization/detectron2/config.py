@@ -305,12 +305,9 @@ def _parse_distillation(cfg) -> DistillationConfig | None:
     kd = cfg.MODEL.QUANTIZATION.DISTILLATION
     if not _boolean(kd.ENABLED, "DISTILLATION.ENABLED"):
         return None
+    # May be empty: a model built for inference, export or a benchmark needs no teacher; the first training
+    # step refuses a missing one (training.build_teacher).
     teacher = kd.TEACHER_WEIGHTS or cfg.MODEL.WEIGHTS
-    if not teacher:
-        raise ValueError(
-            f"{PREFIX}.DISTILLATION: no teacher: set DISTILLATION.TEACHER_WEIGHTS (or MODEL.WEIGHTS) to the "
-            f"float model's checkpoint"
-        )
     weights = {
         key: _number(getattr(kd, key.upper()), f"DISTILLATION.{key.upper()}")
         for key in ("logits_weight", "box_weight", "feature_weight")

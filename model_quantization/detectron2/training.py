@@ -16,6 +16,7 @@ Both work through hooks on the built model, so its class, parameters and checkpo
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -70,12 +71,24 @@ def build_teacher(cfg, weights: str) -> nn.Module:
     """The float teacher: ``cfg`` with quantization off, weights from ``weights``, frozen, in eval mode.
 
     Raises:
-        ValueError: ``weights`` holds quantizer state (a QAT checkpoint is not the float teacher) or does not
+        ValueError: ``weights`` is not a file, holds quantizer state (a QAT checkpoint is not the float teacher) or does not
             fit the float model.
     """
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
+    # Checked here, not when the config is parsed: only training needs it. URLs are the checkpointer's.
+    if not weights:
+        raise ValueError(
+            "MODEL.QUANTIZATION.DISTILLATION: no teacher: set DISTILLATION.TEACHER_WEIGHTS (or MODEL.WEIGHTS) "
+            "to the float model's checkpoint, or set MODEL.QUANTIZATION.DISTILLATION.ENABLED False"
+        )
+    if "://" not in weights and not Path(weights).is_file():
+        raise ValueError(
+            f"MODEL.QUANTIZATION.DISTILLATION.TEACHER_WEIGHTS (or MODEL.WEIGHTS)={weights!r}: no such file; "
+            f"distillation needs the float checkpoint the fine-tune starts from (train the float config first, "
+            f"or set MODEL.QUANTIZATION.DISTILLATION.ENABLED False)"
+        )
     teacher_cfg = cfg.clone()
     teacher_cfg.defrost()
     teacher_cfg.MODEL.QUANTIZATION.ENABLED = False

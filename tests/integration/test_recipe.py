@@ -124,3 +124,24 @@ def test_bn_statistics_freeze_at_the_configured_fraction_of_the_schedule(patched
             )
     # Steps 0-1 update the statistics; from step 2 (0.5 x 4) on they are frozen while the weights train.
     assert history == [(True, True, True), (True, True, True), (False, True, False), (False, True, False)]
+
+
+def test_a_missing_teacher_checkpoint_is_an_error_naming_the_key(patched_tree, tmp_path):
+    """The *_mixed recipe distills from MODEL.WEIGHTS: training one without the float checkpoint at hand says
+    which key to set, at the first training step (building the model for inference or export needs none)."""
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
+
+    MIXED = CONFIG_DIR / "shapes" / "retinanet_R_18_FPN_fullbn_lsq_w4a4_mixed.yaml"
+    missing = str(tmp_path / "nowhere" / "model_final.pth")
+    no_weights = build_model(load_cfg(MIXED))  # MODEL.WEIGHTS "": builds (random weights), trains not
+    no_weights.train()
+    with EventStorage(0), pytest.raises(ValueError, match=r"DISTILLATION: no teacher: set .*TEACHER_WEIGHTS"):
+        no_weights(shapes_batch(2))
+    student = build_model(load_cfg(MIXED, "MODEL.WEIGHTS", missing))  # builds: the teacher loads lazily
+    student.train()
+    with (
+        EventStorage(0),
+        pytest.raises(ValueError, match=r"TEACHER_WEIGHTS \(or MODEL.WEIGHTS\)=.*nowhere.* no such file"),
+    ):
+        student(shapes_batch(2))
