@@ -25,7 +25,12 @@ def _float_weights(tmp_path: Path, config: Path) -> str:
     from detectron2.modeling import build_model
 
     torch.manual_seed(0)
-    model = build_model(load_cfg(config, "MODEL.QUANTIZATION.ENABLED", False))
+    # quantization off: what only applies to QAT (the *_mixed recipe's distillation) goes off too
+    model = build_model(
+        load_cfg(
+            config, "MODEL.QUANTIZATION.ENABLED", False, "MODEL.QUANTIZATION.DISTILLATION.ENABLED", False
+        )
+    )
     DetectionCheckpointer(model, str(tmp_path)).save(f"float_{config.stem}")
     return str(tmp_path / f"float_{config.stem}.pth")
 

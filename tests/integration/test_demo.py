@@ -54,10 +54,15 @@ def test_quick_demo_writes_a_table_of_real_evaluations(quick_demo):
             assert distilled == ("lsq" in row["key"]), (row["key"], sorted(logged))
     # COCOEvaluator's own numbers (its log table prints them with 3 decimals), nothing computed on the side
     log = (output / "log.txt").read_text()
-    # one evaluation of the PyTorch model per row, and one of each exported ONNX file (3 rows per model)
-    assert log.count("Evaluation results for bbox") == len(EXPECTED_KEYS) + 6
+    # one evaluation of the PyTorch model per row, and one of each exported ONNX file (3 rows per model); a
+    # smoke-run model may detect nothing (COCOEvaluator: "No predictions", no table; the demo: AP 0, warned)
+    evaluations = log.count("Evaluation results for bbox") + log.count("No predictions from the model!")
+    assert evaluations == len(EXPECTED_KEYS) + 6
     logged = [[c.strip() for c in line.split("|")[1:4]] for line in log.splitlines() if line.startswith("|")]
     for row in rows.values():
+        if f"{output / 'runs' / row['key']}: no detections above the score threshold" in log:
+            assert row["AP"] == row["AP50"] == row["AP75"] == 0.0, row
+            continue
         assert [f"{row[k]:.3f}" for k in ("AP", "AP50", "AP75")] in logged, row["key"]
     for model in ("retinanet", "fcos"):
         sizes = [rows[f"{model}/{v}"]["size_mb"] for v in VARIANTS]
