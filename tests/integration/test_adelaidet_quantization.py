@@ -50,6 +50,7 @@ def _train_and_evaluate(tmp_path: Path, config: str, tasks: tuple[str, ...]):
     from detectron2.data import build_detection_train_loader
     from detectron2.engine import DefaultTrainer
     from detectron2.evaluation import COCOEvaluator
+    from detectron2.utils.env import seed_all_rng
 
     class Trainer(DefaultTrainer):  # as AdelaiDet's tools/train_net.py: its mapper adds what its models need
         @classmethod
@@ -58,10 +59,13 @@ def _train_and_evaluate(tmp_path: Path, config: str, tasks: tuple[str, ...]):
 
     # A 3-iteration model scores every location below the default test threshold: keep every candidate,
     # so that the evaluation has detections to match and its AP is a number.
+    # Seeded as train_net.py's default_setup seeds (initialisation, data order): without it the weights
+    # depended on whatever the earlier tests left in the global RNGs.
     cfg = load_cfg(
         SHAPES / config, "SOLVER.MAX_ITER", 3, "SOLVER.WARMUP_ITERS", 0, "OUTPUT_DIR", str(tmp_path),
-        "MODEL.FCOS.INFERENCE_TH_TEST", 0.0,
+        "MODEL.FCOS.INFERENCE_TH_TEST", 0.0, "SEED", 0,
     )  # fmt: skip
+    seed_all_rng(cfg.SEED)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()
@@ -82,25 +86,30 @@ def test_quantized_adelaidet_models_train_and_evaluate_with_coco(
 ) -> None:
     trainer, results = _train_and_evaluate(tmp_path, config, tasks)
     assert set(results) == set(tasks)
-    for task in tasks:
-        assert {"AP", "AP50", "AP75"} <= set(results[task])
-        # AP, AP50, AP75 are numbers; an area range with no objects (APl: none are large) is nan by COCO's rule
-        values = [results[task][k] for k in ("AP", "AP50", "AP75")]
-        if "w2a2" in config and all(math.isnan(v) for v in values):
-            # A 3-iteration 2-bit BlendMask made no prediction at all on an AVX-512 machine (COCOEvaluator: "No
-            # predictions from the model!", every metric NaN), and did on an AVX2 one: the evaluation ran, the
-            # model is too young to detect. Anything else that is not a number is a failure.
-            continue
-        assert all(math.isfinite(v) and 0 <= v <= 100 for v in values), results[task]
-        assert all(math.isnan(v) or 0 <= v <= 100 for v in results[task].values()), results[task]
     detections = json.loads((tmp_path / "eval" / "coco_instances_results.json").read_text())
-    assert detections and all(d["category_id"] in {1, 2, 3, 4} for d in detections)
-    if "segm" in tasks:
-        assert all("segmentation" in d for d in detections)
+    undetected = {t for t in tasks if all(math.isnan(results[t].get(k, 0.0)) for k in ("AP", "AP50", "AP75"))}
     state = quantizer_state(trainer.model)
     flags = {k: bool(v) for k, v in state.items() if k.endswith("initialized")}
     # CondInst's mask head only runs on images with positive locations; with 3 iterations it has.
     assert flags and all(flags.values()), [k for k, v in flags.items() if not v]
+    if "w2a2" in config and undetected:
+        # A 3-iteration 2-bit BlendMask can regress every box to zero size (box regression outputs <= 1e-4,
+        # finite weights and losses; unseeded, 2 of 6 seeds did so here): detectron2's post-processing then
+        # drops every instance and COCOEvaluator reports "No predictions from the model!", every metric NaN.
+        # The evaluation ran; the model is too young to detect. Seeded, this run detects on this machine;
+        # another CPU's rounding may tip it over. All or nothing: NaN metrics with detections, or one task
+        # without the other, still fail.
+        assert undetected == set(tasks) and detections == [], (results, len(detections))
+        return
+    for task in tasks:
+        assert {"AP", "AP50", "AP75"} <= set(results[task])
+        # AP, AP50, AP75 are numbers; an area range with no objects (APl: none are large) is nan by COCO's rule
+        values = [results[task][k] for k in ("AP", "AP50", "AP75")]
+        assert all(math.isfinite(v) and 0 <= v <= 100 for v in values), results[task]
+        assert all(math.isnan(v) or 0 <= v <= 100 for v in results[task].values()), results[task]
+    assert detections and all(d["category_id"] in {1, 2, 3, 4} for d in detections)
+    if "segm" in tasks:
+        assert all("segmentation" in d for d in detections)
 
 
 CONFIG_ORDER = r"""
