@@ -20,13 +20,19 @@ import torch
 
 __all__ = ["MAX_SAMPLES", "mse_step", "percentile_step"]
 
-#: Estimates look at most this many elements per group (an evenly strided subset). The search costs
-#: (coarse + fine) passes over the sample per batch and quantizer: with 2^15 elements calibrating a
-#: RetinaNet's 166 quantizers on 256 images stays within seconds, and the clip it finds moves by about a
-#: percent against the full tensor (it can only miss the rarest outliers, which the MSE clips anyway).
-MAX_SAMPLES = 1 << 15
-#: Candidate clips, as fractions of max|x|, tried by :func:`mse_step` (a coarse grid, then a fine one).
-_COARSE, _FINE = 40, 20
+#: Estimates look at most this many elements per group (an evenly strided subset above it): 2^22 covers
+#: every activation of a RetinaNet on shapes (and a COCO batch's largest FPN level is within 4x of it).
+#: :func:`mse_step` used to look at 2^15 elements only, and a strided sample of that size can miss every
+#: outlier of a heavy-tailed activation -- the clip it found was 2 % worse than the full tensor's optimum.
+MAX_SAMPLES = 1 << 22
+#: Candidate clips, as fractions of max|x|, tried by :func:`mse_step` (a coarse grid, then a fine one over
+#: two coarse intervals). The error of a few hundred elements at 8 bits is jagged in the clip: 20 fine
+#: points left 2 of 300 random 64x9 tensors > 1 % above the brute-force optimum; 80 points: 0.1 % at worst.
+_COARSE, _FINE = 40, 80
+#: :func:`mse_step` summarises a group larger than this into a histogram of as many bins (each bin's
+#: element count and mean): every candidate clip is then scored in O(bins), not O(elements). At 8 bits the
+#: grid has 16 bins per step, so a bin straddling a rounding boundary moves the score by a hair.
+_BINS = 4096
 
 
 def _groups(x: torch.Tensor, axis: int | None) -> torch.Tensor:
@@ -43,8 +49,32 @@ def _shape(values: torch.Tensor, axis: int | None) -> torch.Tensor:
     return values.reshape(()) if axis is None else values
 
 
-def _errors(x: torch.Tensor, steps: torch.Tensor, qn: int, qp: int) -> torch.Tensor:
-    """Mean squared error of quantizing every group of ``x`` (G, N) with each of ``steps`` (G, K): (G, K).
+def _histogram(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every group of ``x`` (G, N) as ``_BINS`` equal bins over ``[min, max]``: (means, counts), each (G, B).
+
+    The squared error of quantizing a bin's elements to one level ``q`` is ``n (q - mean)^2`` plus the
+    bin's own spread, which no clip changes -- so scoring the means, weighted by the counts, ranks the
+    candidates as the elements would (up to bins that straddle a rounding boundary). Empty bins have
+    count 0 and mean 0.
+    """
+    groups = x.shape[0]
+    low = x.amin(dim=1, keepdim=True)
+    width = (x.amax(dim=1, keepdim=True) - low).clamp_min(torch.finfo(torch.float32).tiny) / _BINS
+    index = ((x - low) / width).floor_().clamp_(0, _BINS - 1).long()
+    index += torch.arange(groups, device=x.device).unsqueeze(1) * _BINS
+    index = index.reshape(-1)
+    values = x.reshape(-1).to(torch.float64)  # sums of up to 2^22 elements: float32 would lose digits
+    counts = torch.bincount(index, minlength=groups * _BINS).to(torch.float64)
+    sums = torch.bincount(index, weights=values, minlength=groups * _BINS)
+    means = torch.where(counts > 0, sums / counts.clamp_min(1), torch.zeros_like(sums))
+    return means.to(torch.float32).reshape(groups, _BINS), counts.to(torch.float32).reshape(groups, _BINS)
+
+
+def _errors(
+    x: torch.Tensor, weights: torch.Tensor | None, steps: torch.Tensor, qn: int, qp: int
+) -> torch.Tensor:
+    """Squared error of quantizing every group of ``x`` (G, N) with each of ``steps`` (G, K): (G, K), as
+    a mean over the elements, or as a sum weighted by ``weights`` (G, N; histogram counts) when given.
 
     One candidate at a time through a single reused buffer (in-place ops): fresh allocations per
     candidate would cost more than the arithmetic.
@@ -55,7 +85,7 @@ def _errors(x: torch.Tensor, steps: torch.Tensor, qn: int, qp: int) -> torch.Ten
         s = steps[:, k : k + 1]
         torch.div(x, s, out=buffer)
         buffer.round_().clamp_(-qn, qp).mul_(s).sub_(x).square_()
-        errors[:, k] = buffer.mean(dim=1)
+        errors[:, k] = buffer.mean(dim=1) if weights is None else buffer.mul_(weights).sum(dim=1)
     return errors
 
 
@@ -63,7 +93,8 @@ def mse_step(x: torch.Tensor, qn: int, qp: int, axis: int | None = None) -> torc
     """The step minimising the mean squared quantization error of ``x`` on the grid ``[-qn, qp]``.
 
     A grid search over clips ``c`` in ``(0, max|x|]`` (step ``c / qp``; for signed grids the clip is the
-    positive end), first coarse, then fine around the best coarse candidate.
+    positive end), first coarse, then fine around the best coarse candidate. Every element counts: groups
+    larger than ``_BINS`` are scored through their histogram (:func:`_histogram`), smaller ones directly.
 
     Args:
         x: the tensor to quantize.
@@ -72,15 +103,16 @@ def mse_step(x: torch.Tensor, qn: int, qp: int, axis: int | None = None) -> torc
     """
     grouped = _groups(x, axis)
     peak = grouped.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    points, weights = _histogram(grouped) if grouped.shape[1] > _BINS else (grouped, None)
     fractions = torch.arange(1, _COARSE + 1, dtype=torch.float32, device=grouped.device) / _COARSE
     steps = peak * fractions / qp
-    best = _errors(grouped, steps, qn, qp).argmin(dim=1, keepdim=True)
+    best = _errors(points, weights, steps, qn, qp).argmin(dim=1, keepdim=True)
     # Refine in the interval between the coarse neighbours of the best candidate.
     low = (best.to(torch.float32) / _COARSE).clamp_min(0.5 / _COARSE)
     high = (best.to(torch.float32) + 2) / _COARSE
     fine = low + (high - low) * torch.arange(_FINE + 1, dtype=torch.float32, device=grouped.device) / _FINE
     steps = peak * fine.clamp_max(1.0) / qp
-    chosen = steps.gather(1, _errors(grouped, steps, qn, qp).argmin(dim=1, keepdim=True))
+    chosen = steps.gather(1, _errors(points, weights, steps, qn, qp).argmin(dim=1, keepdim=True))
     return _shape(chosen.squeeze(1), axis)
 
 
