@@ -20,10 +20,9 @@ import torch
 
 __all__ = ["MAX_SAMPLES", "mse_step", "percentile_step"]
 
-#: Estimates look at most this many elements per group (an evenly strided subset above it): 2^22 covers
-#: every activation of a RetinaNet on shapes (and a COCO batch's largest FPN level is within 4x of it).
-#: :func:`mse_step` used to look at 2^15 elements only, and a strided sample of that size can miss every
-#: outlier of a heavy-tailed activation -- the clip it found was 2 % worse than the full tensor's optimum.
+#: Estimates look at most this many elements per group (an evenly strided subset above it). Large, because
+#: a small strided sample can miss every outlier of a heavy-tailed activation (2^15 elements put the MSE
+#: clip 2 % above the full tensor's optimum); :func:`mse_step` of 2^22 elements takes ~0.15 s on 1 core.
 MAX_SAMPLES = 1 << 22
 #: Candidate clips, as fractions of max|x|, tried by :func:`mse_step` (a coarse grid, then a fine one over
 #: two coarse intervals). The error of a few hundred elements at 8 bits is jagged in the clip: 20 fine
@@ -65,8 +64,7 @@ def _histogram(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     index = index.reshape(-1)
     values = x.reshape(-1).to(torch.float64)  # sums of up to 2^22 elements: float32 would lose digits
     counts = torch.bincount(index, minlength=groups * _BINS).to(torch.float64)
-    sums = torch.bincount(index, weights=values, minlength=groups * _BINS)
-    means = torch.where(counts > 0, sums / counts.clamp_min(1), torch.zeros_like(sums))
+    means = torch.bincount(index, weights=values, minlength=groups * _BINS) / counts.clamp_min(1)
     return means.to(torch.float32).reshape(groups, _BINS), counts.to(torch.float32).reshape(groups, _BINS)
 
 

@@ -13,6 +13,12 @@ def _mse(x: torch.Tensor, step: torch.Tensor, qn: int, qp: int) -> float:
     return float(((torch.clamp(torch.round(x / step), -qn, qp) * step - x) ** 2).mean())
 
 
+def _brute_force_best(x: torch.Tensor, qn: int, qp: int) -> float:
+    """The least MSE over 3000 evenly spaced clips in (0, max|x|]."""
+    candidates = torch.linspace(1e-4, float(x.abs().max()), 3000) / qp
+    return min(_mse(x, c, qn, qp) for c in candidates)
+
+
 def _activations(seed: int) -> torch.Tensor:
     """ReLU'd features with a heavy tail, like a detector's activations."""
     g = torch.Generator().manual_seed(seed)
@@ -23,10 +29,7 @@ def _activations(seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("qn, qp", [(0, 3), (0, 7), (2, 1), (4, 3), (128, 127)])
 def test_mse_step_is_within_a_percent_of_the_brute_force_optimum(seed, qn, qp):
     x = _activations(seed) if qn == 0 else torch.randn(64, 9) * torch.rand(64, 1)
-    step = mse_step(x, qn, qp)
-    candidates = torch.linspace(1e-4, float(x.abs().max()), 3000) / qp
-    best = min(_mse(x, c, qn, qp) for c in candidates)
-    assert _mse(x, step, qn, qp) <= best * 1.01 + 1e-12
+    assert _mse(x, mse_step(x, qn, qp), qn, qp) <= _brute_force_best(x, qn, qp) * 1.01 + 1e-12
 
 
 def test_mse_step_weighs_every_element_of_a_large_tensor():
@@ -35,13 +38,9 @@ def test_mse_step_weighs_every_element_of_a_large_tensor():
     at odd positions, so a stride-2 sample sees none and clips them all."""
     x = torch.rand(2, 3, 80, 80)
     x.view(-1)[1::200] = 20.0
-    step = mse_step(x, 0, 7)
-    candidates = torch.linspace(1e-4, 20.0, 3000) / 7
-    best = min(_mse(x, c, 0, 7) for c in candidates)
-    assert _mse(x, step, 0, 7) <= best * 1.01
+    assert _mse(x, mse_step(x, 0, 7), 0, 7) <= _brute_force_best(x, 0, 7) * 1.01
     x = _activations(709329361)
-    candidates = torch.linspace(1e-4, float(x.max()), 3000) / 7
-    assert _mse(x, mse_step(x, 0, 7), 0, 7) <= min(_mse(x, c, 0, 7) for c in candidates) * 1.01
+    assert _mse(x, mse_step(x, 0, 7), 0, 7) <= _brute_force_best(x, 0, 7) * 1.01
 
 
 def test_mse_step_finds_the_narrow_optimum_of_a_small_8_bit_tensor():
@@ -49,9 +48,7 @@ def test_mse_step_finds_the_narrow_optimum_of_a_small_8_bit_tensor():
     of 20 points ended 1.5 % above the brute-force optimum (MQ_TEST_SEED=168)."""
     torch.manual_seed(168)
     x = torch.randn(64, 9) * torch.rand(64, 1)
-    candidates = torch.linspace(1e-4, float(x.abs().max()), 3000) / 127
-    best = min(_mse(x, c, 128, 127) for c in candidates)
-    assert _mse(x, mse_step(x, 128, 127), 128, 127) <= best * 1.01
+    assert _mse(x, mse_step(x, 128, 127), 128, 127) <= _brute_force_best(x, 128, 127) * 1.01
 
 
 def test_mse_step_per_channel_matches_each_channel_alone(seed):
