@@ -203,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             parent,
             reuse=not args.retrain_float,
             deploy=not args.skip_onnx and mode.exports(variant),
+            teacher=results[variant.teacher] if variant.teacher else None,
         )
         results[variant.key] = result
         progress.done(variant, result)

@@ -16,7 +16,7 @@ from model_quantization.footprint import FLOAT_BITS
 
 ROOT = Path(__file__).resolve().parents[1]
 
-__all__ = ["KINDS", "MODELS", "MODES", "Mode", "ModelPlan", "Variant", "variants"]
+__all__ = ["KINDS", "MODELS", "MODES", "PROGRESSIVE", "Mode", "ModelPlan", "Variant", "variants"]
 
 #: How a row is produced: trained (from scratch without a parent, else fine-tuned from the parent's
 #: weights) or calibrated from the parent's weights without training (post-training quantization).
@@ -37,6 +37,11 @@ class Variant:
         kind: ``train`` or ``calibrate`` (see :data:`KINDS`).
         adelaidet: the config uses AdelaiDet's defaults (``adet.config.get_cfg``).
         opts: extra config overrides (``merge_from_list`` pairs).
+        teacher: key of the variant whose final weights teach this one under distillation (None: the
+            weights it starts from, the config's default). A run that starts from a higher-bit QAT row
+            (progressive bit widths) is still taught by the float model.
+        reference: key of the float row this row is compared with (ΔAP); None: the table's default
+            (the like-for-like float row of its model).
     """
 
     key: str
@@ -49,6 +54,8 @@ class Variant:
     kind: str = "train"
     adelaidet: bool = False
     opts: tuple = ()
+    teacher: str | None = None
+    reference: str | None = None
 
     @property
     def from_scratch(self) -> bool:
@@ -78,6 +85,11 @@ class ModelPlan:
     adelaidet: bool
     configs: dict[str, tuple[str, dict[int, str], dict[tuple[int, int], str]]]
 
+
+#: Progressive bit widths: bits -> the bits of the QAT row whose weights a row of these bits starts from
+#: (instead of the float model). Its quantizers initialise from data again (``REINIT_QUANTIZERS``); its
+#: like-for-like float row is fine-tuned as many times. See ``README`` (recipe study) for why 2 from 4.
+PROGRESSIVE: dict[int, int] = {2: 4}
 
 #: What the quantized rows keep at 8 bits besides the bulk of the layers (the configs' "mixed" recipe).
 MIXED = "8-bit stem, predictors, sums"
@@ -194,16 +206,40 @@ MODES: dict[str, Mode] = {
 }  # fmt: skip
 
 
+def _finetuned_key(name: str, times: int) -> str:
+    """The like-for-like float row fine-tuned `times` times by the QAT schedule."""
+    return f"{name}/float_finetuned" + ("" if times == 1 else f"_{times}x")
+
+
 def variants(
-    mode: Mode, models: list[str] | tuple[str, ...] = tuple(MODELS), bits=(4, 3, 2), ptq=((8, 8), (4, 8))
+    mode: Mode,
+    models: list[str] | tuple[str, ...] = tuple(MODELS),
+    bits=(4, 3, 2),
+    ptq=((8, 8), (4, 8)),
+    progressive: dict[int, int] | None = None,
 ) -> list[Variant]:
     """The rows the demo runs, in run order, per model: the float run from scratch; the same model
     fine-tuned with exactly the QAT schedule and quantization off (the like-for-like reference: the
     quantized rows train that much longer than the float run; only with QAT rows); the QAT fine-tunes
-    at each of `bits`; the PTQ rows."""
+    at each of `bits`; the PTQ rows.
+
+    `progressive` (default :data:`PROGRESSIVE`) chains QAT rows: a row of bits ``b`` starts from the row of
+    bits ``progressive[b]`` when that one is in `bits` too (else from the float model), keeps the float
+    model as its distillation teacher, and is compared with the float model fine-tuned by the QAT schedule
+    once per link of its chain (a row ``float_finetuned_2x`` and so on: like for like).
+    """
+    progressive = PROGRESSIVE if progressive is None else progressive
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         raise ValueError(f"unknown demo model(s) {unknown}; choose from {sorted(MODELS)}")
+
+    def chain(b: int) -> list[int]:
+        """`b` and the bit widths its row starts from, lowest first (``[2, 4]``: 2 from 4 from float)."""
+        links = [b]
+        while progressive.get(links[-1]) in bits and progressive[links[-1]] not in links:
+            links.append(progressive[links[-1]])
+        return links
+
     out: list[Variant] = []
     for name in models:
         plan = MODELS[name]
@@ -213,14 +249,22 @@ def variants(
             weight_bits=FLOAT_BITS, activation_bits=FLOAT_BITS, adelaidet=plan.adelaidet,
         )  # fmt: skip
         out.append(base)
-        if bits:  # without QAT rows there is nothing to compare like for like
+        missing = [b for b in bits if b not in quantized]
+        if missing:
+            raise ValueError(
+                f"{name}: no {missing[0]}-bit config in the {mode.family!r} family; have {sorted(quantized)}"
+            )
+        # without QAT rows there is nothing to compare like for like
+        for times in range(1, max((len(chain(b)) for b in bits), default=0) + 1):
             out.append(
                 dataclasses.replace(
                     base,
-                    key=f"{name}/float_finetuned",
+                    key=_finetuned_key(name, times),
                     config=Path("configs") / quantized[max(quantized)],
-                    note="fine-tuned like the QAT rows",
-                    parent=base.key,
+                    note="fine-tuned like the QAT rows"
+                    if times == 1
+                    else f"fine-tuned {times}x like the QAT rows",
+                    parent=base.key if times == 1 else _finetuned_key(name, times - 1),
                     # The QAT schedule with quantization (and what only applies to it) off.
                     opts=(
                         "MODEL.QUANTIZATION.ENABLED",
@@ -232,11 +276,10 @@ def variants(
                     ),
                 )  # fmt: skip
             )
-        for b in bits:
-            if b not in quantized:
-                raise ValueError(
-                    f"{name}: no {b}-bit config in the {mode.family!r} family; have {sorted(quantized)}"
-                )
+        # a chain's rows run after the rows they start from
+        for b in sorted(bits, key=lambda b: (len(chain(b)), bits.index(b))):
+            links = chain(b)
+            start = links[1] if len(links) > 1 else None
             out.append(
                 dataclasses.replace(
                     base,
@@ -244,8 +287,11 @@ def variants(
                     config=Path("configs") / quantized[b],
                     weight_bits=b,
                     activation_bits=b,
-                    note=MIXED,
-                    parent=base.key,
+                    note=MIXED if start is None else f"{MIXED}; from {start}/{start}",
+                    parent=base.key if start is None else f"{name}/lsq_w{start}a{start}",
+                    teacher=None if start is None else base.key,
+                    reference=_finetuned_key(name, len(links)),
+                    opts=() if start is None else ("MODEL.QUANTIZATION.REINIT_QUANTIZERS", True),
                 )  # fmt: skip
             )
         for w, a in ptq:

@@ -9,7 +9,14 @@ from model_quantization.footprint import FLOAT_BITS
 
 from .run import PhaseResult
 
-__all__ = ["markdown_table", "plot_ap_vs_bits", "plot_loss_curves", "read_loss_curve", "write_table"]
+__all__ = [
+    "lineage",
+    "markdown_table",
+    "plot_ap_vs_bits",
+    "plot_loss_curves",
+    "read_loss_curve",
+    "write_table",
+]
 
 COLUMNS = (
     "model", "bits W/A", "AP", "AP50", "AP75", "ΔAP", "iterations", "s/iter", "size MB", "ONNX AP", "ONNX MB",
@@ -18,14 +25,29 @@ COLUMNS = (
 NUMERIC = {"AP", "AP50", "AP75", "ΔAP", "iterations", "s/iter", "size MB", "ONNX AP", "ONNX MB"}
 
 
+def lineage(result: PhaseResult, by_key: dict[str, PhaseResult]) -> list[PhaseResult]:
+    """`result` and the runs it starts from, the earliest first (as far back as `by_key` has them):
+    ``[float, lsq_w4a4, lsq_w2a2]`` for a 2-bit row fine-tuned from the 4-bit one."""
+    chain = [result]
+    while chain[-1].parent in by_key and by_key[chain[-1].parent] not in chain:
+        chain.append(by_key[chain[-1].parent])
+    return chain[::-1]
+
+
+def _fine_tunes(result: PhaseResult, by_key: dict[str, PhaseResult]) -> int:
+    """How many fine-tunes produced `result` from a model trained from scratch (0: trained from scratch)."""
+    return 0 if result.parent is None else max(1, len(lineage(result, by_key)) - 1)
+
+
 def reference_ap(results: list[PhaseResult]) -> dict[str, float]:
-    """Per row key, the AP a quantized row is compared with. A QAT row: the float model fine-tuned with
-    the QAT schedule when the table has that row (like for like), else the float model. A PTQ row: the
-    float model it was calibrated from (no training on either side)."""
+    """Per row key, the AP a quantized row is compared with. A QAT row: its ``reference`` row when the
+    table has it (the float model fine-tuned as often as the row was: like for like), else the float
+    model fine-tuned once with the QAT schedule when the table has that row, else the float model. A PTQ
+    row: the float model it was calibrated from (no training on either side)."""
     by_key = {r.key: r for r in results}
     float_ap: dict[str, float] = {}
-    for r in results:
-        if r.weight_bits == FLOAT_BITS and (r.model not in float_ap or r.parent is not None):
+    for r in results:  # the float model, replaced by its first fine-tune (not by one fine-tuned twice)
+        if r.weight_bits == FLOAT_BITS and (r.model not in float_ap or _fine_tunes(r, by_key) == 1):
             float_ap[r.model] = r.AP
     reference = {}
     for r in results:
@@ -33,6 +55,8 @@ def reference_ap(results: list[PhaseResult]) -> dict[str, float]:
             continue
         if r.kind == "calibrate" and r.parent in by_key:
             reference[r.key] = by_key[r.parent].AP
+        elif r.reference in by_key:
+            reference[r.key] = by_key[r.reference].AP
         elif r.model in float_ap:
             reference[r.key] = float_ap[r.model]
     return reference
@@ -44,15 +68,9 @@ def _rows(results: list[PhaseResult]) -> list[list[str]]:
     rows = []
     for r in results:
         delta = f"{r.AP - reference[r.key]:+.1f}" if r.key in reference else ""
-        # fine-tunes show the iterations of the run they start from, too: "800 + 200"
-        if r.kind == "calibrate":
-            iterations = (
-                f"{by_key[r.parent].iterations} + no training" if r.parent in by_key else "no training"
-            )
-        elif r.parent in by_key:
-            iterations = f"{by_key[r.parent].iterations} + {r.iterations}"
-        else:
-            iterations = str(r.iterations)
+        # fine-tunes show the iterations of the runs they start from, too: "4000 + 800 + 800"
+        chain = [str(run.iterations) for run in lineage(r, by_key)]
+        iterations = " + ".join(chain[:-1] + ["no training"] if r.kind == "calibrate" else chain)
         iterations += " (cached)" if r.cached else ""
         speed = "-" if r.kind == "calibrate" else f"{r.seconds_per_iter:.3f}"
         rows.append(
@@ -138,9 +156,13 @@ def plot_ap_vs_bits(results: list[PhaseResult], path: Path, dataset: str) -> Pat
         if calibrated:
             ax.plot([r.weight_bits for r in calibrated], [r.AP for r in calibrated], "s", color=color,
                     fillstyle="none", label=f"{model} PTQ (W bits, 8-bit A)")  # fmt: skip
+        by_key = {r.key: r for r in results}
         for r in rows:
             if r.weight_bits == FLOAT_BITS:
-                style, what = (":", "float") if r.parent is None else ("--", "float, fine-tuned")
+                times = _fine_tunes(r, by_key)
+                style, what = (
+                    (":", "float") if not times else ("--", "float, fine-tuned" + f" {times}x" * (times > 1))
+                )
                 ax.axhline(r.AP, color=color, linestyle=style, label=f"{model} {what} ({r.AP:.1f})")
     ax.set_xlabel("bits (weights / activations)")
     ax.set_ylabel(f"box AP ({dataset})")
@@ -162,13 +184,13 @@ def plot_loss_curves(results: list[PhaseResult], runs_dir: Path, path: Path) -> 
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
         rows = [r for r in results if r.model == model]
-        offset = next((r.iterations for r in rows if r.parent is None), 0)
+        by_key = {r.key: r for r in results}
         for index, r in enumerate(rows):
             iterations, losses = read_loss_curve(runs_dir / r.key)
-            shift = 0 if r.parent is None else offset
+            shift = sum(run.iterations for run in lineage(r, by_key)[:-1])
             ax.plot([i + shift for i in iterations], losses, color=f"C{index}", label=r.bits, linewidth=1.2)
         ax.set_title(model)
-        ax.set_xlabel("iteration (fine-tunes start from the float run's end)")
+        ax.set_xlabel("iteration (a fine-tune starts where the run it starts from ended)")
         ax.set_ylabel("total loss")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)

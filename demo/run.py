@@ -34,7 +34,8 @@ class PhaseResult:
     ``onnx_AP`` / ``onnx_mb``: box AP of the exported integer ONNX model run by ONNX Runtime (same test
     mapper, upstream post-processing) and the ONNX file's size; ``onnx_error`` says why a row has none;
     ``onnx_kernels``: the integer kernels the export chose (``fused``, or ``exact`` where the fused ones
-    failed gate 2 on the parity images).
+    failed gate 2 on the parity images). ``reference``: key of the float row its ΔAP is taken against
+    (None: the table's default, see ``report.reference_ap``).
     """
 
     key: str
@@ -52,6 +53,7 @@ class PhaseResult:
     size_mb: float
     config_hash: str
     parent: str | None = None
+    reference: str | None = None
     cached: bool = False
     kind: str = "train"
     seed: int = 0
@@ -64,8 +66,11 @@ class PhaseResult:
         return asdict(self)
 
 
-def build_cfg(variant: Variant, mode: Mode, weights: str | None, output_dir: Path):
-    """The frozen detectron2 config of `variant` under `mode` (AdelaiDet's defaults when it needs them)."""
+def build_cfg(
+    variant: Variant, mode: Mode, weights: str | None, output_dir: Path, teacher_weights: str | None = None
+):
+    """The frozen detectron2 config of `variant` under `mode` (AdelaiDet's defaults when it needs them);
+    `weights` and `teacher_weights` (the distillation teacher, when not `weights`) are checkpoint paths."""
     if variant.adelaidet:
         import adet.modeling  # noqa: F401  (registers AdelaiDet's meta-architectures)
         from adet.config import get_cfg
@@ -76,6 +81,8 @@ def build_cfg(variant: Variant, mode: Mode, weights: str | None, output_dir: Pat
     opts = mode.opts(variant)
     if weights is not None:
         opts += ["MODEL.WEIGHTS", weights]
+    if teacher_weights is not None:
+        opts += ["MODEL.QUANTIZATION.DISTILLATION.TEACHER_WEIGHTS", teacher_weights]
     cfg.merge_from_list(opts + ["OUTPUT_DIR", str(output_dir)])
     cfg.freeze()
     return cfg
@@ -231,6 +238,7 @@ def run_variant(
     deploy: bool = True,
     write_period: int = 10,
     print_period: int = 50,
+    teacher: PhaseResult | None = None,
 ) -> PhaseResult:
     """Produce and evaluate `variant`; returns its row.
 
@@ -240,12 +248,16 @@ def run_variant(
     ``reuse`` is False). Every variant's run (``config.yaml``, ``metrics.json``, weights, ``result.json``)
     ends up in ``<output_root>/runs/<key>``; `parent` is the result of the run whose weights it starts from.
     With ``deploy``, the trained weights are also exported to ``model.onnx`` (integer ONNX) and that file
-    is evaluated in ONNX Runtime (:func:`_deploy`).
+    is evaluated in ONNX Runtime (:func:`_deploy`). `teacher`: the run whose weights teach this one under
+    distillation when they are not `parent`'s (``Variant.teacher``).
     """
     run_dir = output_root / "runs" / variant.key
     weights = str(output_root / "runs" / parent.key / "model_final.pth") if parent else None
-    cfg = build_cfg(variant, mode, weights, run_dir)
+    teacher_weights = str(output_root / "runs" / teacher.key / "model_final.pth") if teacher else None
+    cfg = build_cfg(variant, mode, weights, run_dir, teacher_weights)
     extra = f"calibration images {mode.calibration_images}" if variant.kind == "calibrate" else ""
+    if teacher is not None:
+        extra += f"teacher {teacher.config_hash}"
     digest = config_hash(cfg, parent.config_hash if parent else "", extra)
     cache_dir = output_root / "cache" / f"{variant.key.replace('/', '-')}-{digest}"
     cached = cache_dir / "result.json"
@@ -256,6 +268,7 @@ def run_variant(
             shutil.rmtree(run_dir, ignore_errors=True)
             shutil.copytree(cache_dir, run_dir)
         result = PhaseResult(**json.loads(cached.read_text()))
+        result.reference = variant.reference  # this plan's reference row (not stored before it existed)
         if deploy and result.onnx_AP is None and result.onnx_error is None:  # cached before the column
             _fill_onnx(result, _deploy(cfg, run_dir, trainer_class))
             (cache_dir / "result.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
@@ -272,6 +285,7 @@ def run_variant(
     result = PhaseResult(
         key=variant.key, model=variant.model, bits=variant.bits_label, weight_bits=variant.weight_bits,
         activation_bits=variant.activation_bits, config_hash=digest, parent=variant.parent, kind=variant.kind,
+        reference=variant.reference,
         seed=cfg.SEED, **measured,
     )  # fmt: skip
     if deploy:

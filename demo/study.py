@@ -33,7 +33,8 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from .plan import MODELS, ROOT, Mode, Variant, variants  # noqa: E402
+from .plan import MODELS, PROGRESSIVE, ROOT, Mode, Variant, variants  # noqa: E402
+from .report import lineage  # noqa: E402
 from .run import PhaseResult, run_variant  # noqa: E402
 
 logger = logging.getLogger("demo")
@@ -122,10 +123,14 @@ def _rows(
 
     `only` keeps the ablation rows of those names (all by default), in ``ABLATIONS``' order.
     """
-    qat = variants(_mode("shapes", 0), [model], bits=(bits,), ptq=())
+    if part == "recipe":  # the demo's own row, chained as in the demo (progressive bit widths)
+        target = _recipe_plan(model)[f"{model}/lsq_w{bits}a{bits}"]
+        description = "the demo's recipe (*_mixed configs)" + (
+            f"; from the {PROGRESSIVE[bits]}-bit row" if target.teacher else ""
+        )
+        return [("recipe", description, target, target.parent, 0, ())]
+    qat = variants(_mode("shapes", 0), [model], bits=(bits,), ptq=(), progressive={})
     target = next(v for v in qat if v.key == f"{model}/lsq_w{bits}a{bits}")
-    if part == "recipe":
-        return [("recipe", "the demo's recipe (*_mixed configs)", target, f"{model}/float", 0, ())]
     rows = []
     for name, (description, opts, progressive) in ABLATIONS.items():
         if (progressive and bits == 4) or (only is not None and name not in only):
@@ -136,12 +141,31 @@ def _rows(
     return rows
 
 
-def _float_finetune(part: str, model: str, total_iters: int, schedule: tuple = ()) -> Variant:
-    """The like-for-like float row: the QAT schedule (`total_iters` long, with the row's `schedule`
-    overrides), quantization off."""
+def _recipe_plan(model: str) -> dict[str, Variant]:
+    """The demo's QAT rows and like-for-like float rows of `model` by key (every bit width, so that a
+    progressive row's chain is there whatever ``--bits`` asks for)."""
+    return {v.key: v for v in variants(_mode("shapes", 0), [model], ptq=())}
+
+
+def _run_chain(
+    key: str, plan: dict[str, Variant], mode: Mode, root: Path, results: dict[str, PhaseResult], deploy: bool
+) -> PhaseResult:
+    """Run (or take from the cache) the row `key` of `plan` after the rows it starts from and is taught
+    by; `results` holds the runs so far (the float model's at least) and gains this one."""
+    if key not in results:
+        variant = plan[key]
+        parent = _run_chain(variant.parent, plan, mode, root, results, deploy=False)
+        teacher = _run_chain(variant.teacher, plan, mode, root, results, False) if variant.teacher else None
+        results[key] = run_variant(
+            variant, mode, root, parent, cache_quantized=True, deploy=deploy, teacher=teacher
+        )
+    return results[key]
+
+
+def _float_finetune(model: str, total_iters: int, schedule: tuple = ()) -> Variant:
+    """The like-for-like float row of an ablation row: the baseline's schedule, `total_iters` long, with
+    the row's `schedule` overrides, quantization off."""
     reference = variants(_mode("shapes", 0), [model], bits=(4,), ptq=())[1]
-    if part == "recipe":  # the demo's own like-for-like row: the recipe's schedule
-        return reference
     steps = (round(total_iters * 0.75),)
     suffix = "".join(
         f"_{key.split('.')[-1].lower()}{value}"
@@ -185,22 +209,30 @@ def run_part(
                     seed_root = root / f"seed{seed}"
                     _link_parent(float_result, root / "float", seed_root)
                     results = {f"{model}/float": float_result}
-                    if parent_key != f"{model}/float":  # progressive: the 4-bit baseline run first
-                        four = _rows("ablation", model, 4)[0][2]
-                        results[parent_key] = run_variant(
-                            four, mode, seed_root, float_result, cache_quantized=True, deploy=False
+                    if part == "recipe":  # the demo's rows, chained as the demo chains them
+                        plan = _recipe_plan(model)
+                        result = _run_chain(variant.key, plan, mode, seed_root, results, deploy=onnx)
+                        reference = _run_chain(
+                            variant.reference, plan, mode, seed_root, results, deploy=False
                         )
-                    result = run_variant(
-                        variant, mode, seed_root, results[parent_key], cache_quantized=True, deploy=onnx
-                    )
-                    length = before + result.iterations
-                    reference = run_variant(
-                        _float_finetune(part, model, length, schedule),
-                        mode,
-                        seed_root,
-                        float_result,
-                        deploy=False,
-                    )
+                        length = sum(run.iterations for run in lineage(result, results)[1:])
+                    else:
+                        if parent_key != f"{model}/float":  # progressive: the 4-bit baseline run first
+                            four = _rows("ablation", model, 4)[0][2]
+                            results[parent_key] = run_variant(
+                                four, mode, seed_root, float_result, cache_quantized=True, deploy=False
+                            )
+                        result = run_variant(
+                            variant, mode, seed_root, results[parent_key], cache_quantized=True, deploy=onnx
+                        )
+                        length = before + result.iterations
+                        reference = run_variant(
+                            _float_finetune(model, length, schedule),
+                            mode,
+                            seed_root,
+                            float_result,
+                            deploy=False,
+                        )
                     deltas.append(result.AP - reference.AP)
                     aps.append(result.AP)
                     references.append(reference.AP)

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-VARIANTS = ("float", "float_finetuned", "lsq_w4a4", "lsq_w3a3", "lsq_w2a2", "ptq_w8a8", "ptq_w4a8")
+VARIANTS = (
+    "float", "float_finetuned", "float_finetuned_2x", "lsq_w4a4", "lsq_w3a3", "lsq_w2a2", "ptq_w8a8", "ptq_w4a8",
+)  # fmt: skip
 EXPECTED_KEYS = [f"{model}/{v}" for model in ("retinanet", "fcos") for v in VARIANTS]
 
 
@@ -48,10 +50,18 @@ def test_quick_demo_writes_a_table_of_real_evaluations(quick_demo):
             assert row["seconds_per_iter"] > 0 and row["iterations"] == (40 if row["parent"] is None else 10)
         assert row["seed"] == 0
         assert (output / "runs" / row["key"] / "model_final.pth").is_file()
-        if row["kind"] == "train":  # the *_mixed recipe distills from the float model it starts from
+        if row["kind"] == "train":  # the *_mixed recipe distills from the float model
             logged = set().union(*map(json.loads, (output / "runs" / row["key"] / "metrics.json").open()))
             distilled = {"loss_kd_logits", "loss_kd_box"} <= logged
             assert distilled == ("lsq" in row["key"]), (row["key"], sorted(logged))
+    for model in ("retinanet", "fcos"):  # progressive: 2 bits from the 4-bit row, compared like for like
+        two = rows[f"{model}/lsq_w2a2"]
+        assert two["parent"] == f"{model}/lsq_w4a4" and two["reference"] == f"{model}/float_finetuned_2x"
+        assert rows[f"{model}/float_finetuned_2x"]["parent"] == f"{model}/float_finetuned"
+        config = (output / "runs" / model / "lsq_w2a2" / "config.yaml").read_text()
+        teacher = output / "runs" / model / "float" / "model_final.pth"  # not the 4-bit row it starts from
+        assert f"TEACHER_WEIGHTS: {teacher}" in config and "REINIT_QUANTIZERS: true" in config
+        assert str(output / "runs" / model / "lsq_w4a4" / "model_final.pth") in config  # MODEL.WEIGHTS
     # COCOEvaluator's own numbers (its log table prints them with 3 decimals), nothing computed on the side
     log = (output / "log.txt").read_text()
     # one evaluation of the PyTorch model per row, and one of each exported ONNX file (3 rows per model); a
@@ -66,10 +76,9 @@ def test_quick_demo_writes_a_table_of_real_evaluations(quick_demo):
         assert [f"{row[k]:.3f}" for k in ("AP", "AP50", "AP75")] in logged, row["key"]
     for model in ("retinanet", "fcos"):
         sizes = [rows[f"{model}/{v}"]["size_mb"] for v in VARIANTS]
-        assert (
-            sizes[0] == sizes[1] and sizes[1] > sizes[2] > sizes[3] > sizes[4] and sizes[2] < sizes[0] / 4
-        ), sizes
-        assert sizes[0] / 4 < sizes[5] < sizes[0] / 3.5 and sizes[6] < sizes[5], sizes  # 8-bit, 4-bit weights
+        assert sizes[0] == sizes[1] == sizes[2], sizes
+        assert sizes[2] > sizes[3] > sizes[4] > sizes[5] and sizes[3] < sizes[0] / 4, sizes
+        assert sizes[0] / 4 < sizes[6] < sizes[0] / 3.5 and sizes[7] < sizes[6], sizes  # 8-bit, 4-bit weights
     exported = ("float", "lsq_w4a4", "ptq_w8a8")  # the smoke run exports one row of each kind per model
     for key, row in rows.items():  # ... as an integer ONNX model, evaluated in ONNX Runtime
         if key.split("/")[1] not in exported:
@@ -90,8 +99,10 @@ def test_quick_demo_writes_a_table_of_real_evaluations(quick_demo):
     assert table.count("ONNX AP with exact integer kernels") == len(exact), table
     assert table.splitlines()[0].endswith("| size MB | ONNX AP | ONNX MB |")
     assert (
-        "| 2/2 (8-bit stem, predictors, sums) |" in table
+        "| 2/2 (8-bit stem, predictors, sums; from 4/4) |" in table
         and "| float (fine-tuned like the QAT rows) |" in table
+        and "| float (fine-tuned 2x like the QAT rows) |" in table
+        and "| 40 + 10 + 10 |" in table
         and "| 8/8 (PTQ, no training) |" in table
     )
     assert table in proc.stdout  # the table is printed, too
@@ -238,7 +249,7 @@ def test_a_study_row_that_changes_the_schedule_is_compared_with_a_float_trained_
 
     rows = {r[0]: r for r in _rows("ablation", "retinanet", 4, ["kd", "kd_lr002"])}
     assert rows["kd"][5] == () and rows["kd_lr002"][5] == ("SOLVER.BASE_LR", 0.002)
-    plain, slow = (_float_finetune("ablation", "retinanet", 200, rows[n][5]) for n in ("kd", "kd_lr002"))
+    plain, slow = (_float_finetune("retinanet", 200, rows[n][5]) for n in ("kd", "kd_lr002"))
     assert plain.key != slow.key and MODELS["retinanet"].name in slow.key
     last = {k: v for k, v in zip(slow.opts[::2], slow.opts[1::2], strict=True)}  # the last value wins
     assert last["SOLVER.BASE_LR"] == 0.002 and last["SOLVER.MAX_ITER"] == 200

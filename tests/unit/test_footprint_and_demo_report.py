@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from demo.report import markdown_table, plot_ap_vs_bits, plot_loss_curves, write_table
+from demo.report import lineage, markdown_table, plot_ap_vs_bits, plot_loss_curves, write_table
 from demo.run import PhaseResult
 from model_quantization import QuantSpec, convert
 from model_quantization.footprint import parameter_bits, parameter_megabytes
@@ -136,3 +136,50 @@ def test_plots_are_written_as_png(tmp_path):
         plot_loss_curves(rows, tmp_path / "runs", tmp_path / "loss.png"),
     ):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_a_progressive_row_is_compared_with_the_float_fine_tuned_as_often():
+    """2 bits from the 4-bit row: ΔAP against the float fine-tuned twice (its `reference`), the other QAT
+    rows against the float fine-tuned once; the iterations column shows the whole chain."""
+    float_row = _result("B", 32, 11.0)
+    once = PhaseResult(**{**_result("B", 32, 13.0, parent="B/float").to_json(), "key": "B/float_finetuned"})
+    twice = PhaseResult(
+        **{**_result("B", 32, 14.0, parent="B/float_finetuned").to_json(), "key": "B/float_finetuned_2x"}
+    )
+    four = PhaseResult(
+        **{**_result("B", 4, 13.5, parent="B/float").to_json(), "reference": "B/float_finetuned"}
+    )
+    two = PhaseResult(
+        **{**_result("B", 2, 12.0, parent="B/4/4").to_json(), "reference": "B/float_finetuned_2x"}
+    )
+    rows = [float_row, once, twice, four, two]
+    assert [r.key for r in lineage(two, {r.key: r for r in rows})] == ["B/float", "B/4/4", "B/2/2"]
+    table = markdown_table(rows).splitlines()
+    assert "| +0.5 | 100 + 100 |" in table[5] and "| -2.0 | 100 + 100 + 100 |" in table[6]
+    assert "| 100 + 100 + 100 |" in table[4]  # the float fine-tuned twice
+    # without its reference row in the table, a row falls back to the float fine-tuned once
+    assert "| -1.0 |" in markdown_table([float_row, once, four, two]).splitlines()[5]
+
+
+def test_the_demo_plan_chains_2_bits_from_4_bits_and_adds_the_float_fine_tuned_twice():
+    from demo.plan import MODES, variants
+
+    plan = {v.key: v for v in variants(MODES["default"], ["fcos"])}
+    two = plan["fcos/lsq_w2a2"]
+    assert (two.parent, two.teacher, two.reference) == (
+        "fcos/lsq_w4a4",
+        "fcos/float",
+        "fcos/float_finetuned_2x",
+    )
+    assert two.opts == ("MODEL.QUANTIZATION.REINIT_QUANTIZERS", True)
+    assert plan["fcos/float_finetuned_2x"].parent == "fcos/float_finetuned"
+    assert plan["fcos/lsq_w4a4"].reference == "fcos/float_finetuned" and plan["fcos/lsq_w4a4"].teacher is None
+    keys = list(plan)
+    assert keys.index("fcos/lsq_w4a4") < keys.index("fcos/lsq_w2a2")  # a chain runs after its start
+    # without the 4-bit row (or with progressive off), 2 bits start from the float model as before
+    for alone in (
+        variants(MODES["default"], ["fcos"], bits=(2,)),
+        variants(MODES["default"], ["fcos"], progressive={}),
+    ):
+        direct = {v.key: v for v in alone}
+        assert direct["fcos/lsq_w2a2"].parent == "fcos/float" and "fcos/float_finetuned_2x" not in direct
