@@ -363,3 +363,25 @@ def test_ptq_only_runs_the_float_and_ptq_rows(patched_tree):
     rows = variants(MODES["default"], args.models, bits=())
     assert [v.key for v in rows] == ["fcos/float", "fcos/ptq_w8a8", "fcos/ptq_w4a8"]
     assert [v.parent for v in rows] == [None, "fcos/float", "fcos/float"]
+
+
+def test_the_study_runs_the_demos_progressive_chain_and_compares_it_like_for_like(patched_tree, tmp_path):
+    """`demo.study recipe --bits 2` runs what the demo runs for its 2-bit row: the 4-bit row first, the 2-bit
+    row from it (taught by the float model), and compares it with the float fine-tuned twice."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "demo.study", "recipe", "--quick", "--models", "retinanet", "--bits", "2",
+         "--seeds", "0", "--output-dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = tmp_path / "shapes" / "seed0" / "runs" / "retinanet"
+    results = {p.name: json.loads((p / "result.json").read_text()) for p in runs.iterdir() if p.is_dir()}
+    assert sorted(results) == ["float", "float_finetuned", "float_finetuned_2x", "lsq_w2a2", "lsq_w4a4"]
+    assert results["lsq_w2a2"]["parent"] == "retinanet/lsq_w4a4"
+    assert results["float_finetuned_2x"]["parent"] == "retinanet/float_finetuned"
+    config = (runs / "lsq_w2a2" / "config.yaml").read_text()
+    assert f"TEACHER_WEIGHTS: {runs / 'float' / 'model_final.pth'}" in config
+    row = json.loads((tmp_path / "shapes" / "recipe.json").read_text())["retinanet"]["2"]["recipe"]
+    assert row["AP"] == [results["lsq_w2a2"]["AP"]]
+    assert row["float_finetuned_AP"] == [results["float_finetuned_2x"]["AP"]]  # not the float fine-tuned once
+    assert "from the 4-bit row" in row["description"] and "float fine-tuned 8 it" in proc.stdout
