@@ -18,9 +18,9 @@ not depend on values); quantizers are initialised from one random image. Rows:
 Target: integer >= 2.5x faster than ONNX Runtime fp32 (measured on an AVX512-VNNI CPU; int8 speed depends
 on the ISA, printed with the table).
 
-``--models label=config:weights ...`` exports each trained checkpoint and prints gates 1, 2 and 4 on
-``--parity-images`` test images and the box AP of the ONNX Runtime model next to the PyTorch fake-quant
-model's on the config's test set (gate 3: |delta AP| <= 0.3).
+``--models label=config:weights ...`` exports each trained checkpoint (``--kernels``, default ``auto``)
+and prints gates 1, 2 and 4 on ``--parity-images`` test images and the box AP of the ONNX Runtime model
+next to the PyTorch fake-quant model's on the config's test set (gate 3: |delta AP| <= 0.3).
 """
 
 from __future__ import annotations
@@ -166,15 +166,15 @@ def speed_table(rows: list[SpeedRow], sizes: list[tuple[int, int]], divisibility
     return "\n".join(lines)
 
 
-def gates(models: list[str], parity_images: int, threads: int, workdir: Path) -> str:
-    """Export each ``label=config:weights``; gates 1, 2, 4 and AP (ONNX Runtime vs PyTorch)."""
+def gates(models: list[str], parity_images: int, threads: int, workdir: Path, kernels: str = "auto") -> str:
+    """Export each ``label=config:weights`` with `kernels`; gates 1, 2, 4 and AP (ONNX Runtime vs PyTorch)."""
     from model_quantization.deploy import evaluate_onnx, evaluate_pytorch, export_model
     from model_quantization.export import load_cfg, load_model
 
     lines = [
         "| model | gate 1: max steps (same inputs / free-running) | gate 2: min cosine | gate 4: integer convs "
-        "| AP PyTorch | AP ONNX Runtime | delta AP | file MB |",
-        "|---|---|---:|---|---:|---:|---:|---:|",
+        "| AP PyTorch | AP ONNX Runtime | delta AP | file MB | kernels |",
+        "|---|---|---:|---|---:|---:|---:|---:|---|",
     ]
     for spec in models:
         label, _, rest = spec.partition("=")
@@ -182,7 +182,7 @@ def gates(models: list[str], parity_images: int, threads: int, workdir: Path) ->
         cfg = load_cfg(Path(config), [])
         model = load_model(cfg, Path(weights))
         path = workdir / f"{label}.onnx"
-        report = export_model(cfg, model, path, parity_images=parity_images, threads=threads)
+        report = export_model(cfg, model, path, parity_images=parity_images, threads=threads, kernels=kernels)
         print(report, file=sys.stderr)
         ap_torch = evaluate_pytorch(cfg, model)["bbox"]["AP"]
         ap_onnx = evaluate_onnx(cfg, path, model=model, threads=threads)["bbox"]["AP"]
@@ -193,7 +193,7 @@ def gates(models: list[str], parity_images: int, threads: int, workdir: Path) ->
             f"| {eng.min_cosine:.5f} ({'PASS' if eng.passed else 'FAIL'}) "
             f"| {cov.integer_convs}/{cov.quantized_convs} ({'PASS' if report.coverage_passed else 'FAIL'}) "
             f"| {ap_torch:.2f} | {ap_onnx:.2f} | {delta:+.2f} ({'PASS' if abs(delta) <= MAX_DELTA_AP else 'FAIL'}) "
-            f"| {report.file_bytes / 1e6:.2f} |"
+            f"| {report.file_bytes / 1e6:.2f} | {report.passes.kernels} |"
         )
     return "\n".join(lines)
 
@@ -213,6 +213,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-speed", action="store_true", help="only the --models gates")
     parser.add_argument("--models", nargs="*", default=[], help="label=config:weights of trained checkpoints")
     parser.add_argument("--parity-images", type=int, default=4)
+    parser.add_argument(
+        "--kernels", default="auto", help="--models: export_model's kernels (auto, fused, exact)"
+    )
     args = parser.parse_args(argv)
     sizes = [_size(s) for s in args.sizes.split(",")]
 
@@ -243,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
             print(
                 f"\nGates of trained models ({args.parity_images} test images for gates 1-2; AP on each config's test set)"
             )
-            print(gates(args.models, args.parity_images, args.threads, workdir))
+            print(gates(args.models, args.parity_images, args.threads, workdir, args.kernels))
 
 
 if __name__ == "__main__":
