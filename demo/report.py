@@ -143,6 +143,7 @@ def plot_ap_vs_bits(results: list[PhaseResult], path: Path, dataset: str) -> Pat
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     models = list(dict.fromkeys(r.model for r in results))
+    by_key = {r.key: r for r in results}
     for index, model in enumerate(models):
         color = f"C{index}"
         rows = [r for r in results if r.model == model]
@@ -156,7 +157,6 @@ def plot_ap_vs_bits(results: list[PhaseResult], path: Path, dataset: str) -> Pat
         if calibrated:
             ax.plot([r.weight_bits for r in calibrated], [r.AP for r in calibrated], "s", color=color,
                     fillstyle="none", label=f"{model} PTQ (W bits, 8-bit A)")  # fmt: skip
-        by_key = {r.key: r for r in results}
         for r in rows:
             if r.weight_bits == FLOAT_BITS:
                 times = _fine_tunes(r, by_key)
@@ -182,9 +182,9 @@ def plot_loss_curves(results: list[PhaseResult], runs_dir: Path, path: Path) -> 
     plt = _pyplot()
     models = list(dict.fromkeys(r.model for r in results))
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    by_key = {r.key: r for r in results}
     for ax, model in zip(axes[0], models, strict=True):
         rows = [r for r in results if r.model == model]
-        by_key = {r.key: r for r in results}
         for index, r in enumerate(rows):
             iterations, losses = read_loss_curve(runs_dir / r.key)
             shift = sum(run.iterations for run in lineage(r, by_key)[:-1])
