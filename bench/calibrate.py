@@ -39,14 +39,14 @@ def measure(name: str, config: Path, images: int, threads: int) -> dict:
 
     import model_quantization.detectron2  # noqa: F401  (registers the shapes splits)
     from model_quantization.calibrate import calibrate_detector, load_float_weights
+    from model_quantization.detectron2.config import float_config
 
     torch.set_num_threads(threads)
     cfg = get_cfg()
     cfg.merge_from_file(str(config))
     cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""])
     with tempfile.TemporaryDirectory() as tmp:
-        float_cfg = cfg.clone()
-        float_cfg.MODEL.QUANTIZATION.ENABLED = False
+        float_cfg = float_config(cfg)
         DetectionCheckpointer(build_model(float_cfg), save_dir=tmp).save("float")
         model = build_model(cfg)
         load_float_weights(model, str(Path(tmp) / "float.pth"))

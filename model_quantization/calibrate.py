@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from model_quantization.detectron2.config import float_config
 from model_quantization.quantizers import Quantizer, calibration
 
 __all__ = ["MIN_IMAGES", "CalibrationReport", "calibrate_detector", "calibration_loader", "main"]
@@ -262,9 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("wrote %s", output)
     if not args.no_eval:
         calibrated = _evaluate(cfg, model)
-        float_cfg = cfg.clone()
-        float_cfg.defrost()
-        float_cfg.MODEL.QUANTIZATION.ENABLED = False
+        float_cfg = float_config(cfg)
         float_model = build_model(float_cfg)
         DetectionCheckpointer(float_model).load(args.weights)
         reference = _evaluate(float_cfg, float_model)

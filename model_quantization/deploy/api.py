@@ -96,7 +96,8 @@ class ExportReport:
                 f"  quantized: {len(low.modules)} modules; activations {len(low.activations)} Q/DQ (bits {bits}); "
                 f"weights {len(low.weight_bits)} (bits {wbits}; stored {stored})",
                 f"  nodes ({self.passes.kernels} kernels): {', '.join(f'{op} {n}' for op, n in self.nodes.items())}",
-                f"  norms folded: {len(low.folded_norms)}; left as float ops: {len(low.unfolded_norms)}"
+                f"  norms folded: {len(low.folded_norms)}; left as float ops: {len(low.unfolded_norms)}; "
+                f"biases trained on the int32 grid (INTEGER_BIAS): {len(low.integer_biases)}"
                 + (
                     f"; negative weight scales: {'; '.join(low.negative_scales)}"
                     if low.negative_scales

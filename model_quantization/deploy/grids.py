@@ -16,6 +16,7 @@ scale per output channel once a norm is folded in.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,23 @@ from torch import nn
 
 from model_quantization.quantizers import GridUnavailable, IntegerGrid, Quantizer
 
-__all__ = ["ActivationQDQ", "ExportError", "WeightCodes", "activation_qdq", "weight_codes"]
+__all__ = [
+    "SAFE_INT8_CODE",
+    "WIDE_CODE",
+    "ActivationQDQ",
+    "ExportError",
+    "WeightCodes",
+    "activation_qdq",
+    "integer_bias",
+    "spread_factors",
+    "weight_codes",
+]
+
+#: Largest |weight code| that an int8 container keeps: ONNX Runtime's U8S8 kernels without VNNI add pairs
+#: of uint8 x int8 products in int16 with saturation, exact only while ``2 * 255 * |w| <= 32767``.
+SAFE_INT8_CODE = 64
+#: Largest |weight code| of the uint8 container (codes + 128).
+WIDE_CODE = 127
 
 
 class ExportError(ValueError):
@@ -152,3 +169,47 @@ def weight_codes(quantizer: Quantizer, weight: torch.Tensor, axis: int, name: st
 def output_channel_axis(module: nn.Module) -> int:
     """The output-channel axis of a quantized module's weight (0 for conv/linear)."""
     return getattr(module, "weight_channel_axis", 0)
+
+
+def spread_factors(peak: torch.Tensor, limit: int) -> torch.Tensor:
+    """Per output channel, the largest power of two ``k`` with ``k * peak <= limit`` (1 if none).
+
+    ``peak`` is each channel's largest |weight code|. The export multiplies the codes by ``k`` and divides
+    the scale by it (:func:`~.onnx_passes.store_weights`), which makes the int32 bias of integer kernels
+    ``k`` times finer; :func:`integer_bias` rounds biases with the same rule.
+    """
+    peak = peak.to(torch.float64)
+    k = torch.ones_like(peak, dtype=torch.int64)
+    ok = (peak > 0) & (peak <= limit)
+    k[ok] = (2 ** torch.floor(torch.log2(limit / peak[ok]))).to(torch.int64)
+    return k
+
+
+def grid_spread(qmin: int, qmax: int) -> int:
+    """The spread :func:`~.onnx_passes.store_weights` gives *at least* to any channel of weights on the grid
+    ``[qmin, qmax]`` (relative to the zero point) with its default ``auto`` container: the rule applied to
+    the grid's largest |code|. A channel whose codes use less of the grid gets a larger power of two, and
+    the ``int8``/``uint8`` containers never a smaller one, so a bias on this spread's grid is exact there."""
+    peak = max(abs(qmin), abs(qmax))
+    limit = SAFE_INT8_CODE if peak <= SAFE_INT8_CODE else WIDE_CODE
+    # spread_factors' rule in plain Python: no tensor, so that it traces under torch.compile
+    return 2 ** math.floor(math.log2(limit / peak)) if 0 < peak <= limit else 1
+
+
+def integer_bias(
+    bias: torch.Tensor, input_scale: torch.Tensor, weight_scale: torch.Tensor, spread: int
+) -> torch.Tensor:
+    """``bias`` rounded to the int32 grid on which integer kernels add it: ``s_x * |s_w| / spread`` per channel.
+
+    QLinearConv and ConvInteger accumulate ``x codes * w codes`` in int32 and add the bias in the same units;
+    ONNX Runtime rounds a float bias to them when it fuses a conv. A bias already on that grid is added
+    exactly, so the fake-quant model, the Q/DQ graph and the integer engine compute the same thing.
+
+    Args:
+        bias: per output channel, after any folded norm (float32).
+        input_scale: the conv input's step (float32 scalar).
+        weight_scale: per output channel, after any folded norm (float32; may be negative).
+        spread: :func:`grid_spread` of the weight grid.
+    """
+    step = (input_scale * weight_scale).abs() / spread  # / a power of two: exact, like ONNX Runtime's
+    return torch.round(bias / step) * step

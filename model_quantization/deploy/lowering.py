@@ -31,7 +31,7 @@ from torch import nn
 from model_quantization.nn import Add, QAdd, QConv2d, QLinear, QuantizedModule, QWeightedAdd, WeightedAdd
 from model_quantization.registry import Registry
 
-from .grids import ActivationQDQ, ExportError, activation_qdq, weight_codes
+from .grids import ActivationQDQ, ExportError, activation_qdq, grid_spread, integer_bias, weight_codes
 from .norms import Affine, norm_affines
 from .ops import dequantize, quantize_dequantize
 
@@ -48,6 +48,8 @@ __all__ = [
     "LoweringSummary",
     "TapRecorder",
     "lower",
+    "conv_norm",
+    "following_norms",
     "register_export_handler",
 ]
 
@@ -177,6 +179,9 @@ class LoweringSummary:
     folded_norms: list[str] = field(default_factory=list)  #: "<conv> <- <norm kind> (<levels> levels)"
     unfolded_norms: list[str] = field(default_factory=list)  #: norms left as float ops, with why
     negative_scales: list[str] = field(default_factory=list)  #: channels whose flip would overflow int8
+    integer_biases: list[str] = field(
+        default_factory=list
+    )  #: convs whose biases were trained on the int32 grid
 
 
 class DeployConv2d(nn.Module):
@@ -263,15 +268,30 @@ def _fold(codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, a
     return new_codes, new_scale, g * bias + h, int(overflow.sum())
 
 
+def conv_norm(
+    module: QuantizedModule, name: str, next_norm: nn.Module | None
+) -> tuple[Epilogue, nn.Module | None]:
+    """A quantized conv's epilogue and the norm that folds into it: its epilogue's norm, else (when its
+    epilogue applies nothing) the norm that follows it in an ``nn.Sequential`` (``next_norm``), else None.
+    Whether the norm's type can fold is :data:`~.norms.NORM_AFFINES`' business."""
+    epilogue = conv_epilogue(module, name)
+    norm = epilogue.norm
+    if norm is None and epilogue.activation is None and next_norm is not None:
+        norm = next_norm
+    return epilogue, norm
+
+
 @register_export_handler(QConv2d)
 def lower_conv2d(module: QConv2d, ctx: LoweringContext) -> nn.Module:
-    """``QConv2d`` (any ``nn.Conv2d`` subclass with a registered epilogue) -> :class:`DeployConv2d`."""
-    epilogue = conv_epilogue(module, ctx.name)
+    """``QConv2d`` (any ``nn.Conv2d`` subclass with a registered epilogue) -> :class:`DeployConv2d`.
+
+    A conv trained with integer biases (``module.integer_bias``, see :mod:`.integer_bias`) gets its folded
+    biases rounded to the int32 grid of integer kernels exactly as it trained, so every kernel choice
+    computes what the fake-quant model does.
+    """
+    epilogue, norm = conv_norm(module, ctx.name, ctx.next_norm)
+    ctx.folded_next_norm = norm is not None and norm is not epilogue.norm
     input_qdq = ctx.qdq(module.input_quantizer, "input_quantizer")
-    norm = epilogue.norm
-    if norm is None and epilogue.activation is None and ctx.next_norm is not None:
-        norm = ctx.next_norm
-        ctx.folded_next_norm = True
     if not module.weight_quantizer.enabled:  # float weight: nothing to fold into a scale, the norm runs as is
         ctx.folded_next_norm = False
         bias = None if module.bias is None else module.bias.detach().clone()
@@ -294,11 +314,17 @@ def lower_conv2d(module: QConv2d, ctx: LoweringContext) -> nn.Module:
         else:
             ctx.summary.folded_norms.append(f"{ctx.name} <- {type(norm).__name__} ({len(affines)} levels)")
             norm = None
+    snap = getattr(module, "integer_bias", False) and input_qdq is not None
+    if snap:
+        spread = grid_spread(w.qmin, w.qmax)
+        ctx.summary.integer_biases.append(ctx.name)
     codes, code_index, scales, biases = [], [], [], []
     for affine in affines or [None]:
         c, s, b, negative = _fold(w.codes, w.scale, module.bias, affine)
         if negative:
             ctx.summary.negative_scales.append(f"{ctx.name}: {negative} channels")
+        if snap:
+            b = integer_bias(b, input_qdq.scale, s, spread)
         match = next((i for i, known in enumerate(codes) if torch.equal(known, c)), None)
         if match is None:
             codes.append(c)
@@ -389,6 +415,12 @@ def lower_weighted_add(module: QWeightedAdd, ctx: LoweringContext) -> nn.Module:
         ctx.qdq(module.input_quantizer, "input_quantizer"),
         ctx.qdq(module.output_quantizer, "output_quantizer"),
     )
+
+
+def following_norms(network: nn.Module) -> dict[str, nn.Module]:
+    """Qualified module name -> the norm that follows it as its next sibling in an ``nn.Sequential``
+    (what :func:`conv_norm` gets as ``next_norm``)."""
+    return {name: sibling for name, (_, sibling) in _next_siblings(network).items() if _is_norm_like(sibling)}
 
 
 def _next_siblings(network: nn.Module) -> dict[str, tuple[str, nn.Module]]:

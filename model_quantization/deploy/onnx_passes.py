@@ -29,7 +29,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+import torch
 from onnx import TensorProto, helper, numpy_helper
+
+from .grids import SAFE_INT8_CODE, WIDE_CODE, spread_factors
 
 __all__ = [
     "KERNELS",
@@ -43,8 +46,6 @@ __all__ = [
     "store_weights",
 ]
 
-#: |code| bound for int8 weights that no ONNX Runtime CPU kernel can saturate on (2 * 255 * 64 <= 32767).
-SAFE_INT8_CODE = 64
 INTEGER_TYPES = (TensorProto.UINT8, TensorProto.INT8)
 
 
@@ -204,10 +205,7 @@ class WeightStorage:
 def _spread_factors(codes: np.ndarray, limit: int) -> np.ndarray:
     """Per output channel, the largest power of two ``k`` with ``k * max|code| <= limit`` (1 if none)."""
     peak = np.abs(codes.astype(np.int16)).reshape(codes.shape[0], -1).max(axis=1)
-    k = np.ones(codes.shape[0], dtype=np.int64)
-    ok = (peak > 0) & (peak <= limit)
-    k[ok] = 2 ** np.floor(np.log2(limit / peak[ok])).astype(np.int64)
-    return k
+    return spread_factors(torch.from_numpy(peak), limit).numpy()
 
 
 def store_weights(
@@ -244,7 +242,7 @@ def store_weights(
         largest = int(np.abs(codes.astype(np.int16)).max(initial=0))
         wide = container == "uint8" or (container == "auto" and largest > SAFE_INT8_CODE)
         k = (
-            _spread_factors(codes, 127 if wide else SAFE_INT8_CODE)
+            _spread_factors(codes, WIDE_CODE if wide else SAFE_INT8_CODE)
             if spread
             else np.ones(codes.shape[0], np.int64)
         )

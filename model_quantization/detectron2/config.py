@@ -23,6 +23,8 @@ The schema mirrors the core spec in detectron2's upper-case style::
         FREEZE_BN_AFTER: 0.0           # fraction of SOLVER.MAX_ITER after which BN statistics stop updating
                                        #   (a schedule option: applies with quantization off too)
         COMPILE: False                 # torch.compile the quantized network (backbone, FPN, head towers)
+        INTEGER_BIAS: False            # train with conv biases (after folded norms) on the int32 grid that
+                                       #   ONNX Runtime's integer kernels add them on (fused export == model)
         DISTILLATION:                  # knowledge distillation from the float teacher (RetinaNet, FCOS)
           ENABLED: False
           TEACHER_WEIGHTS: ""          # the float teacher's checkpoint ("": MODEL.WEIGHTS)
@@ -60,6 +62,7 @@ __all__ = [
     "QuantizationConfig",
     "add_quantization_config",
     "config_key_names",
+    "float_config",
     "parse_quantization_config",
 ]
 
@@ -98,6 +101,7 @@ def add_quantization_config(cfg) -> None:
     q.REINIT_QUANTIZERS = False
     q.FREEZE_BN_AFTER = 0.0
     q.COMPILE = False
+    q.INTEGER_BIAS = False
     kd = node_type()
     kd.ENABLED = False
     kd.TEACHER_WEIGHTS = ""
@@ -125,6 +129,8 @@ class QuantizationConfig:
         freeze_bn_after: fraction of the schedule after which BN statistics are frozen (0: never).
         distillation: knowledge distillation settings, or None when off.
         compile: compile the quantized network with ``torch.compile``.
+        integer_bias: conv biases on the int32 grid of integer kernels
+            (:mod:`model_quantization.deploy.integer_bias`).
     """
 
     enabled: bool
@@ -139,6 +145,7 @@ class QuantizationConfig:
     freeze_bn_after: float = 0.0
     distillation: DistillationConfig | None = None
     compile: bool = False
+    integer_bias: bool = False
 
 
 @dataclass(frozen=True)
@@ -199,6 +206,25 @@ def spec_dict(q) -> dict[str, Any]:
         "align_add_inputs": q.ALIGN_ADD_INPUTS,
         "rules": rules,
     }
+
+
+#: What only applies to quantization-aware training, switched off with it by :func:`float_config`.
+_QAT_ONLY = {"ENABLED": False, "REINIT_QUANTIZERS": False, "INTEGER_BIAS": False, "BACKBONE_WEIGHTS": ""}
+
+
+def float_config(cfg):
+    """A clone of ``cfg`` (frozen as ``cfg`` is) that builds the float model: quantization off, and with it
+    every option that only applies to quantized models (distillation, ``REINIT_QUANTIZERS``,
+    ``INTEGER_BIAS``, ``BACKBONE_WEIGHTS``), which the config check would refuse on a float model."""
+    clone = cfg.clone()
+    frozen = clone.is_frozen()
+    clone.defrost()
+    for key, value in _QAT_ONLY.items():
+        setattr(clone.MODEL.QUANTIZATION, key, value)
+    clone.MODEL.QUANTIZATION.DISTILLATION.ENABLED = False
+    if frozen:
+        clone.freeze()
+    return clone
 
 
 def config_key_names(message: str) -> str:
@@ -275,10 +301,17 @@ def parse_quantization_config(cfg) -> QuantizationConfig:
             f"{PREFIX}.FREEZE_BN_AFTER: a fraction of SOLVER.MAX_ITER in [0, 1], got {freeze_bn_after!r}"
         )
     distillation = _parse_distillation(cfg)
+    integer_bias = _boolean(q.INTEGER_BIAS, "INTEGER_BIAS")
     if not enabled:
         # FREEZE_BN_AFTER is a schedule option and applies to float fine-tunes too.
         ignored = [
-            key for key, on in (("REINIT_QUANTIZERS", reinit), ("DISTILLATION.ENABLED", distillation)) if on
+            key
+            for key, on in (
+                ("REINIT_QUANTIZERS", reinit),
+                ("DISTILLATION.ENABLED", distillation),
+                ("INTEGER_BIAS", integer_bias),
+            )
+            if on
         ]
         if ignored:
             raise ValueError(
@@ -298,6 +331,7 @@ def parse_quantization_config(cfg) -> QuantizationConfig:
         freeze_bn_after=freeze_bn_after,
         distillation=distillation,
         compile=_boolean(q.COMPILE, "COMPILE"),
+        integer_bias=integer_bias,
     )
 
 

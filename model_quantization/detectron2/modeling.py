@@ -11,8 +11,9 @@ whether or not quantization is on) and kept as ``model.quantization_config``; th
    and the conversion report in the log (also kept as ``model.quantization_report``; :mod:`.logs` routes
    the package's log to detectron2's console and ``OUTPUT_DIR/log.txt``, and logs one line when the
    quantizers have initialised from data);
-3. the checkpoint guards (:mod:`.safeguards`: quantizer grid check, ``REINIT_QUANTIZERS``) and, with
-   ``BACKBONE_WEIGHTS``, the double-init hook (:mod:`.checkpoint`);
+3. the checkpoint guards (:mod:`.safeguards`: quantizer grid check, ``REINIT_QUANTIZERS``), with
+   ``INTEGER_BIAS`` the bias rounding of integer kernels (:mod:`model_quantization.deploy.integer_bias`)
+   and, with ``BACKBONE_WEIGHTS``, the double-init hook (:mod:`.checkpoint`);
 4. the training-time parts of the recipe (:mod:`.training`: distillation, BN freezing).
 """
 
@@ -97,6 +98,17 @@ def _skip_generated_weight_convs(model: nn.Module, spec: QuantSpec) -> QuantSpec
     return dataclasses.replace(spec, rules=(*spec.rules, *(Rule(pattern=n, skip=True) for n in names)))
 
 
+def _attach_integer_bias(model: nn.Module) -> None:
+    """``INTEGER_BIAS``: conv biases on the int32 grid of integer kernels (see the deploy package)."""
+    from ..deploy import detectors  # noqa: F401  (registers detectron2's and AdelaiDet's norms and epilogues)
+    from ..deploy.integer_bias import attach_integer_bias
+
+    convs = attach_integer_bias(model)
+    logger.info(
+        "INTEGER_BIAS: %d quantized convs add their biases on the int32 grid of integer kernels", len(convs)
+    )
+
+
 def quantize(model: nn.Module, cfg) -> nn.Module:
     """Apply the architecture options and, when enabled, quantize ``model`` in place as ``cfg`` says."""
     config = parse_quantization_config(cfg)
@@ -126,6 +138,8 @@ def quantize(model: nn.Module, cfg) -> nn.Module:
         attach_reinit(model)
     attach_grid_check(model)
     attach_init_summary(model)
+    if config.integer_bias:
+        _attach_integer_bias(model)
     if config.backbone_weights:
         attach_backbone_weights(model, config.backbone_weights)
         if not cfg.MODEL.WEIGHTS:  # no detector checkpoint will be loaded to trigger it

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .compile import compile_detector
-from .config import QuantizationConfig
+from .config import QuantizationConfig, float_config
 from .distillation import DISTILLERS, Distiller, distillation_losses
 
 __all__ = ["attach_training_hooks", "build_teacher"]
@@ -89,12 +89,8 @@ def build_teacher(cfg, weights: str) -> nn.Module:
             f"distillation needs the float checkpoint the fine-tune starts from (train the float config first, "
             f"or set MODEL.QUANTIZATION.DISTILLATION.ENABLED False)"
         )
-    teacher_cfg = cfg.clone()
+    teacher_cfg = float_config(cfg)
     teacher_cfg.defrost()
-    teacher_cfg.MODEL.QUANTIZATION.ENABLED = False
-    teacher_cfg.MODEL.QUANTIZATION.DISTILLATION.ENABLED = False
-    teacher_cfg.MODEL.QUANTIZATION.REINIT_QUANTIZERS = False
-    teacher_cfg.MODEL.QUANTIZATION.BACKBONE_WEIGHTS = ""
     teacher_cfg.MODEL.WEIGHTS = weights
     teacher = build_model(teacher_cfg)
 

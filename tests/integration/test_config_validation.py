@@ -28,6 +28,7 @@ def _build(path, *opts):
         (FLOAT, ["MODEL.QUANTIZATION.SCOPE", "heads"], r"SCOPE: unknown scope 'heads'"),
         (FLOAT, ["MODEL.QUANTIZATION.BACKBONE_WEIGHTS", "x.pth"], r"BACKBONE_WEIGHTS='x.pth' is set but .*ENABLED is False"),
         (FLOAT, ["MODEL.QUANTIZATION.WEIGHT.BITS", 9], r"MODEL.QUANTIZATION.WEIGHT.BITS: must be an integer"),
+        (FLOAT, ["MODEL.QUANTIZATION.INTEGER_BIAS", True], r"INTEGER_BIAS is set but MODEL.QUANTIZATION.ENABLED is False"),
         # Typed options: booleans are booleans, numbers numbers.
         (QUANTIZED, ["MODEL.QUANTIZATION.WEIGHT.OPTIONS", {"GRAD_SCALE": "no"}], r"WEIGHT.OPTIONS.GRAD_SCALE: must be true or false, got 'no'"),
         (QUANTIZED, ["MODEL.QUANTIZATION.WEIGHT.OPTIONS", {"INIT_VALUE": "abc"}], r"WEIGHT.OPTIONS.INIT_VALUE: must be a number or null, got 'abc'"),
