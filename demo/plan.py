@@ -273,6 +273,8 @@ def variants(
                         False,
                         "MODEL.QUANTIZATION.REINIT_QUANTIZERS",
                         False,
+                        "MODEL.QUANTIZATION.INTEGER_BIAS",
+                        False,
                     ),
                 )  # fmt: skip
             )

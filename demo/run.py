@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -23,6 +24,9 @@ logger = logging.getLogger("demo")
 
 #: Bump when the way a run is produced changes in a way its config does not show.
 CACHE_VERSION = 3
+#: Config keys added after runs were cached, with their defaults: at its default such a key changes nothing,
+#: so it is left out of the hash and the runs cached before it existed stay valid (set, it is hashed).
+LATER_KEYS = {"MODEL.QUANTIZATION.INTEGER_BIAS": False}
 METRICS = ("AP", "AP50", "AP75")
 
 
@@ -97,6 +101,11 @@ def config_hash(cfg, parent_hash: str = "", extra: str = "") -> str:
     clone = cfg.clone()
     clone.defrost()
     clone.OUTPUT_DIR = ""
+    for key, default in LATER_KEYS.items():
+        *path, leaf = key.split(".")
+        node = functools.reduce(getattr, path, clone)
+        if leaf in node and node[leaf] == default:
+            del node[leaf]
     datasets = [*clone.DATASETS.TRAIN, *clone.DATASETS.TEST]
     specs = [repr(MetadataCatalog.get(name).get("shapes_spec", name)) for name in datasets]
     payload = json.dumps([CACHE_VERSION, clone.dump(), specs, parent_hash, extra])

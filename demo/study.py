@@ -141,10 +141,12 @@ def _rows(
     return rows
 
 
-def _recipe_plan(model: str) -> dict[str, Variant]:
+def _recipe_plan(model: str, extra_opts: tuple = ()) -> dict[str, Variant]:
     """The demo's QAT rows and like-for-like float rows of `model` by key (every bit width, so that a
-    progressive row's chain is there whatever ``--bits`` asks for)."""
-    return {v.key: v for v in variants(_mode("shapes", 0), [model], ptq=())}
+    progressive row's chain is there whatever ``--bits`` asks for); `extra_opts` (``merge_from_list``
+    pairs) go to every quantized row, not to the float ones."""
+    plan = variants(_mode("shapes", 0), [model], ptq=())
+    return {v.key: dataclasses.replace(v, opts=(*v.opts, *extra_opts)) if v.quantized else v for v in plan}
 
 
 def _run_chain(
@@ -188,11 +190,14 @@ def run_part(
     root: Path,
     rows: list[str] | None = None,
     onnx: bool = False,
+    extra_opts: tuple = (),
 ) -> dict:
     """Run (or take from the cache) every run of `part`; returns {model: {bits: {row: stats}}}.
 
     With `onnx`, every quantized run is also exported to integer ONNX and evaluated in ONNX Runtime (the
-    demo's ONNX AP column, gate 3), cached runs included; ``onnx_AP`` lists it per seed.
+    demo's ONNX AP column, gate 3), cached runs included; ``onnx_AP`` lists it per seed (and
+    ``onnx_kernels`` the kernels the export chose). `extra_opts` are config overrides of the recipe's
+    quantized rows (e.g. ``MODEL.QUANTIZATION.INTEGER_BIAS True``); they are part of each run's hash.
     """
     summary: dict = {}
     for model in models:
@@ -203,14 +208,14 @@ def run_part(
             continue
         for b in bits:
             for name, description, variant, parent_key, before, schedule in _rows(part, model, b, rows):
-                deltas, aps, references, onnx_aps = [], [], [], []
+                deltas, aps, references, onnx_aps, kernels = [], [], [], [], []
                 for seed in seeds:
                     mode = _mode(dataset, seed)
                     seed_root = root / f"seed{seed}"
                     _link_parent(float_result, root / "float", seed_root)
                     results = {f"{model}/float": float_result}
                     if part == "recipe":  # the demo's rows, chained as the demo chains them
-                        plan = _recipe_plan(model)
+                        plan = _recipe_plan(model, extra_opts)
                         result = _run_chain(variant.key, plan, mode, seed_root, results, deploy=onnx)
                         reference = _run_chain(
                             variant.reference, plan, mode, seed_root, results, deploy=False
@@ -237,6 +242,7 @@ def run_part(
                     aps.append(result.AP)
                     references.append(reference.AP)
                     onnx_aps.append(result.onnx_AP)
+                    kernels.append(result.onnx_kernels)
                     logger.info(
                         f"[study] {dataset} {model} {b}-bit {name} seed {seed}: AP {result.AP:.1f} "
                         f"(float fine-tuned {length} it: {reference.AP:.1f}, ΔAP {result.AP - reference.AP:+.1f})"
@@ -250,6 +256,7 @@ def run_part(
                     "delta_std": statistics.stdev(deltas) if len(deltas) > 1 else 0.0,
                     "float_AP": float_result.AP,
                     "onnx_AP": onnx_aps if onnx else None,
+                    "onnx_kernels": kernels if onnx else None,
                 }
     return summary
 
@@ -273,8 +280,16 @@ def markdown(summary: dict, part: str, dataset: str, seeds: list[int]) -> str:
             for name, s in rows.items():
                 onnx = ""
                 if with_onnx:
-                    pairs = zip(s.get("onnx_AP") or [], s["AP"], strict=False)
-                    onnx = " " + ", ".join("-" if o is None else f"{o - a:+.2f}" for o, a in pairs) + " |"
+                    kernels = s.get("onnx_kernels") or [None] * len(s["AP"])
+                    cells = zip(s.get("onnx_AP") or [], s["AP"], kernels, strict=False)
+                    onnx = (
+                        " "
+                        + ", ".join(
+                            "-" if o is None else f"{o - a:+.2f}" + (f" ({k})" if k else "")
+                            for o, a, k in cells
+                        )
+                        + " |"
+                    )
                 lines.append(
                     f"| {MODELS[model].model} | {b}/{b} | {name}: {s['description']} | {statistics.mean(s['AP']):.1f} "
                     f"| {statistics.mean(s['float_finetuned_AP']):.1f} | {s['delta_mean']:+.1f} ± {s['delta_std']:.1f} |"
@@ -300,6 +315,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--onnx", action="store_true", help="also export every quantized run and evaluate it in ONNX Runtime"
     )
+    parser.add_argument(
+        "--opts",
+        nargs="+",
+        default=[],
+        metavar="KEY VALUE",
+        help="recipe only: config overrides of every quantized row, e.g. MODEL.QUANTIZATION.INTEGER_BIAS True",
+    )
     parser.add_argument("--output-dir", type=Path, default=ROOT / "output" / "study")
     parser.add_argument("--quick", action="store_true", help="smoke run: 20 float and 4 QAT iterations")
     args = parser.parse_args(argv)
@@ -309,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     models = (args.models or ("retinanet" if args.part == "ablation" else "retinanet,fcos")).split(",")
     bits = [int(b) for b in (args.bits or ("4,2" if args.part == "ablation" else "4,3,2")).split(",")]
     rows = None if args.rows is None else args.rows.split(",")
+    if args.opts and (args.part != "recipe" or len(args.opts) % 2):
+        parser.error("--opts: KEY VALUE pairs, for the recipe part only")
     unknown = sorted(set(rows or ()) - set(ABLATIONS))
     if unknown:
         parser.error(f"--rows: unknown ablation rows {unknown}; choose from {', '.join(ABLATIONS)}")
@@ -324,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     import model_quantization.detectron2  # noqa: F401  (registers the shapes splits)
 
     start = time.perf_counter()
-    summary = run_part(args.part, args.dataset, seeds, models, bits, root, rows, args.onnx)
+    summary = run_part(args.part, args.dataset, seeds, models, bits, root, rows, args.onnx, tuple(args.opts))
     table = "" if args.part == "float" else markdown(summary, args.part, args.dataset, seeds)
     (root / f"{args.part}.json").write_text(json.dumps(summary, indent=2) + "\n")
     (root / f"{args.part}.md").write_text(table)

@@ -236,6 +236,10 @@ def test_study_rows_select_ablation_rows_and_refuse_unknown_ones(patched_tree, t
     assert [r[0] for r in _rows("ablation", "retinanet", 4, ["progressive"])] == []  # 2-bit only
     stderr = _usage_error("demo.study", "ablation", "--rows", "kd,sharpen", output=tmp_path)
     assert "--rows: unknown ablation rows ['sharpen']" in stderr
+    for args in (("ablation", "--opts", "SOLVER.BASE_LR", "0.1"), ("recipe", "--opts", "SOLVER.BASE_LR")):
+        assert "--opts: KEY VALUE pairs, for the recipe part only" in _usage_error(
+            "demo.study", *args, output=tmp_path
+        )
 
 
 def test_a_study_row_that_changes_the_schedule_is_compared_with_a_float_trained_by_that_schedule(
@@ -265,6 +269,9 @@ def test_study_table_shows_onnx_minus_pytorch_ap_per_seed_when_exported():
         {"retinanet": {"4": {"kd": {**row, "onnx_AP": [40.25, None]}}}}, "ablation", "shapes", [0, 1]
     )
     assert "| ONNX - PyTorch AP |" in exported and "| -2.5 ± 0.7 | +0.25, - |" in exported
+    kernels = {**row, "onnx_AP": [40.25, 41.0], "onnx_kernels": ["fused", "exact"]}
+    chosen = markdown({"retinanet": {"4": {"kd": kernels}}}, "recipe", "shapes", [0, 1])
+    assert "| -2.5 ± 0.7 | +0.25 (fused), +0.00 (exact) |" in chosen
     plain = markdown({"retinanet": {"4": {"kd": {**row, "onnx_AP": None}}}}, "ablation", "shapes", [0, 1])
     assert "ONNX" not in plain and plain.rstrip().endswith("| -2.5 ± 0.7 |")
 
@@ -367,10 +374,11 @@ def test_ptq_only_runs_the_float_and_ptq_rows(patched_tree):
 
 def test_the_study_runs_the_demos_progressive_chain_and_compares_it_like_for_like(patched_tree, tmp_path):
     """`demo.study recipe --bits 2` runs what the demo runs for its 2-bit row: the 4-bit row first, the 2-bit
-    row from it (taught by the float model), and compares it with the float fine-tuned twice."""
+    row from it (taught by the float model), and compares it with the float fine-tuned twice. `--opts`
+    overrides the config of every quantized row of the chain, and of no float row."""
     proc = subprocess.run(
         [sys.executable, "-m", "demo.study", "recipe", "--quick", "--models", "retinanet", "--bits", "2",
-         "--seeds", "0", "--output-dir", str(tmp_path)],
+         "--seeds", "0", "--output-dir", str(tmp_path), "--opts", "MODEL.QUANTIZATION.INTEGER_BIAS", "True"],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -385,3 +393,6 @@ def test_the_study_runs_the_demos_progressive_chain_and_compares_it_like_for_lik
     assert row["AP"] == [results["lsq_w2a2"]["AP"]]
     assert row["float_finetuned_AP"] == [results["float_finetuned_2x"]["AP"]]  # not the float fine-tuned once
     assert "from the 4-bit row" in row["description"] and "float fine-tuned 8 it" in proc.stdout
+    for name in results:
+        integer_bias = "INTEGER_BIAS: true" in (runs / name / "config.yaml").read_text()
+        assert integer_bias == name.startswith("lsq"), name
