@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -168,6 +169,17 @@ def test_config_hash_follows_the_config(patched_tree, tmp_path):
     assert a == config_hash(build_cfg(float_variant, quick, None, tmp_path / "b"))  # output dir is not in it
     longer = type(quick)(**{**quick.__dict__, "float_iters": 41})
     assert a != config_hash(build_cfg(float_variant, longer, None, tmp_path / "a"))
+    # a key added after runs were cached is hashed only when set: at its default the runs stay valid
+    qat = next(v for v in variants(quick, ["retinanet"]) if v.key.endswith("lsq_w4a4"))
+    cfg = build_cfg(qat, quick, None, tmp_path / "a")
+    before = cfg.clone()
+    before.defrost()
+    del before.MODEL.QUANTIZATION["INTEGER_BIAS"]  # the config as it was before the key existed
+    assert config_hash(cfg) == config_hash(before)
+    on = build_cfg(
+        dataclasses.replace(qat, opts=("MODEL.QUANTIZATION.INTEGER_BIAS", True)), quick, None, tmp_path
+    )
+    assert config_hash(on) != config_hash(cfg)
 
 
 def test_full_mode_uses_the_coco_recipes_and_says_what_is_missing(patched_tree, tmp_path):
