@@ -204,7 +204,7 @@ from detectron2.engine import launch
 sys.path.insert(0, sys.argv[3])  # the repository root, for tests.integration.d2_helpers
 
 
-def main(config, out_dir):
+def main(config, out_dir, opts):
     from torch.nn.parallel import DistributedDataParallel
     from detectron2.modeling import build_model
     from detectron2.solver import build_optimizer
@@ -214,7 +214,7 @@ def main(config, out_dir):
 
     torch.set_num_threads(1)
     rank = comm.get_rank()
-    cfg = load_cfg(config)
+    cfg = load_cfg(config, *opts)
     torch.manual_seed(rank)  # different initial weights too: DDP must broadcast rank 0's
     model = build_model(cfg)
     ddp = DistributedDataParallel(model)  # CPU module: no device_ids
@@ -229,20 +229,26 @@ def main(config, out_dir):
             optimizer.step()
             if step == 0:
                 torch.save(quantizer_state(model), f"{out_dir}/init{rank}.pt")
-    torch.save(quantizer_state(model), f"{out_dir}/rank{rank}.pt")
+    # a prediction conv's bias: INTEGER_BIAS substitutes it during the forward, DDP must still sync it
+    final = {**quantizer_state(model), "head.cls_score.bias": model.head.cls_score.bias.detach().clone()}
+    torch.save(final, f"{out_dir}/rank{rank}.pt")
 
 
 if __name__ == "__main__":
-    launch(main, 2, dist_url="auto", args=(sys.argv[1], sys.argv[2]))
+    opts = [o if i % 2 == 0 else eval(o) for i, o in enumerate(sys.argv[4:])]
+    launch(main, 2, dist_url="auto", args=(sys.argv[1], sys.argv[2], opts))
 """
 
 
-def test_ddp_two_gloo_processes_keep_quantizers_identical(patched_tree, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "opts", [(), ("MODEL.QUANTIZATION.INTEGER_BIAS", "True")], ids=["plain", "integer_bias"]
+)
+def test_ddp_two_gloo_processes_keep_quantizers_identical(patched_tree, tmp_path: Path, opts) -> None:
     config = SHAPES / "retinanet_R_18_FPN_fullbn_lsq_w4a4.yaml"
     worker = tmp_path / "ddp_worker.py"  # a file: spawned workers re-import __main__ to find main()
     worker.write_text(DDP_WORKER)
     proc = subprocess.run(
-        [sys.executable, str(worker), str(config), str(tmp_path), str(ROOT)],
+        [sys.executable, str(worker), str(config), str(tmp_path), str(ROOT), *opts],
         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
