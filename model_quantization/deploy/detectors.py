@@ -26,7 +26,7 @@ from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import ImageList
 from torch import nn
 
-from model_quantization.detectron2.modeling import ConvReLU
+from model_quantization.detectron2.architectures import ConvReLU
 from model_quantization.registry import Registry
 
 from .grids import ExportError

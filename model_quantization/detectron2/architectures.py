@@ -6,7 +6,8 @@
 meta-architecture.
 
 ``NECKS`` (``FPN_ACTIVATION``): FPN-like necks other than detectron2's ``FPN`` (whose convs are known here),
-by class name, each with a function that returns the convs whose outputs ``FPN_ACTIVATION`` rectifies.
+by class name, each with a function that returns the convs whose outputs ``FPN_ACTIVATION`` rectifies;
+``ConvReLU``, the conv type it gives plain ``nn.Conv2d`` convs.
 
 Both are :class:`~model_quantization.registry.Registry` tables holding detectron2's entries and those of
 :mod:`model_quantization.adelaidet` (data this module reads; nothing imports back). Contract:
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch.nn.functional as F
 from torch import nn
 
 from .. import adelaidet
@@ -26,7 +28,7 @@ from ..registry import Registry
 from ..spec import Rule
 from .config import SCOPES
 
-__all__ = ["HEADS", "NECKS", "SCOPES", "fpn_convs", "head_skip_rules"]
+__all__ = ["HEADS", "NECKS", "SCOPES", "ConvReLU", "fpn_convs", "head_skip_rules"]
 
 HEADS: Registry[tuple[str, ...]] = Registry("meta-architecture")
 HEADS.add("RetinaNet", ("head",))
@@ -38,6 +40,17 @@ for _arch, _prefixes in adelaidet.HEAD_PREFIXES.items():
 NECKS: Registry[Callable[[nn.Module], list[nn.Module]]] = Registry("FPN-like neck")
 for _name, _convs in adelaidet.NECK_CONVS.items():
     NECKS.add(_name, _convs)
+
+
+class ConvReLU(nn.Conv2d):
+    """``relu(conv(x))`` with nn.Conv2d's parameters and names (``FPN_ACTIVATION`` on P6/P7 convs).
+
+    A type of its own, not a hook, so that export finds the ReLU by type (the deploy package registers it
+    as a conv epilogue; it lives here, not in :mod:`.modeling`, so that deploy does not import modeling).
+    """
+
+    def forward(self, x):
+        return F.relu(super().forward(x))
 
 
 def fpn_convs(fpn: nn.Module) -> list[nn.Module]:

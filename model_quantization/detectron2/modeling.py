@@ -28,7 +28,7 @@ from torch import nn
 from ..convert import convert
 from ..nn import DynamicConv2d
 from ..spec import QuantSpec, Rule
-from .architectures import NECKS, fpn_convs, head_skip_rules
+from .architectures import NECKS, ConvReLU, fpn_convs, head_skip_rules
 from .checkpoint import attach_backbone_weights, load_backbone_weights
 from .config import QuantizationConfig, config_key_names, parse_quantization_config
 from .logs import attach_init_summary, route_to_detectron2_log
@@ -38,13 +38,6 @@ from .training import attach_training_hooks
 __all__ = ["apply_architecture_options", "quantize"]
 
 logger = logging.getLogger(__name__)
-
-
-class ConvReLU(nn.Conv2d):
-    """``relu(conv(x))`` with nn.Conv2d's parameters and names (FPN-BN for top-block convs P6/P7)."""
-
-    def forward(self, x):
-        return F.relu(super().forward(x))
 
 
 def _relu_after(conv: nn.Module) -> None:
