@@ -10,7 +10,8 @@ not depend on values); quantizers are initialised from one random image. Rows:
 * ONNX Runtime fp32: the float model (ONNX Runtime fuses its Conv + BN itself);
 * ONNX Runtime integer, LSQ 4/4 (the mixed recipe: 8-bit stem, predictors and sums) in int8 containers,
   ``fused`` kernels (QLinearConv where the graph allows, ConvInteger elsewhere) and ``exact`` kernels
-  (ConvInteger everywhere: float biases, bit-faithful to the Q/DQ reference);
+  (ConvInteger everywhere: float biases, bit-faithful to the Q/DQ reference); and ``fused`` with the
+  architecture's ``INTEGER_OUTPUTS`` as ``OUTPUT_QUANTIZERS`` (8-bit conv outputs: every conv a QLinearConv);
 * ONNX Runtime integer, LSQ 8/8, weights in ``auto`` containers (uint8 + 128 where int8 could saturate
   without VNNI) and in plain ``int8`` (what a VNNI CPU runs fastest; may saturate without VNNI);
 * PyTorch eager fp32 of the float network.
@@ -114,11 +115,15 @@ def speed(
     import torch
 
     from model_quantization.deploy import adapter_for, export_model, make_session
+    from model_quantization.detectron2.architectures import INTEGER_OUTPUTS
 
     float_config, quantized_config = ARCHS[arch]
+    meta_architecture = _cfg(quantized_config, []).MODEL.META_ARCHITECTURE
+    outputs = ["MODEL.QUANTIZATION.OUTPUT_QUANTIZERS", list(INTEGER_OUTPUTS.get(meta_architecture))]
     variants = [
         ("ONNX Runtime fp32, float model", float_config, [], {}),
         ("ONNX Runtime integer, LSQ 4/4 mixed, fused", quantized_config, [], {"kernels": "fused"}),
+        ("ONNX Runtime integer, LSQ 4/4 mixed + OUTPUT_QUANTIZERS, fused", quantized_config, outputs, {"kernels": "fused"}),
         ("ONNX Runtime integer, LSQ 4/4 mixed, exact", quantized_config, [], {"kernels": "exact"}),
         ("ONNX Runtime integer, LSQ 8/8, fused (auto containers)", quantized_config, EIGHT_BITS, {"kernels": "fused"}),
         ("ONNX Runtime integer, LSQ 8/8, fused (int8: VNNI)", quantized_config, EIGHT_BITS, {"kernels": "fused", "weight_container": "int8"}),

@@ -26,7 +26,7 @@ logger = logging.getLogger("demo")
 CACHE_VERSION = 3
 #: Config keys added after runs were cached, with their defaults: at its default such a key changes nothing,
 #: so it is left out of the hash and the runs cached before it existed stay valid (set, it is hashed).
-LATER_KEYS = {"MODEL.QUANTIZATION.INTEGER_BIAS": False}
+LATER_KEYS = {"MODEL.QUANTIZATION.INTEGER_BIAS": False, "MODEL.QUANTIZATION.OUTPUT_QUANTIZERS": []}
 METRICS = ("AP", "AP50", "AP75")
 
 

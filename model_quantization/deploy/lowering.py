@@ -185,7 +185,8 @@ class LoweringSummary:
 
 
 class DeployConv2d(nn.Module):
-    """A lowered conv: Q/DQ'd input, ``DequantizeLinear(int8 codes)`` weight, folded norm, epilogue.
+    """A lowered conv: Q/DQ'd input, ``DequantizeLinear(int8 codes)`` weight, folded norm, epilogue, and
+    the output Q/DQ of a conv with an output quantizer (:mod:`model_quantization.nn.outputs`).
 
     With per-level folded norms it holds one weight scale and bias per level and, like the norm it
     replaces, cycles through them call by call (the shared head is called once per FPN level, in order).
@@ -203,6 +204,7 @@ class DeployConv2d(nn.Module):
         weight: torch.Tensor | None,
         norm: nn.Module | None,
         activation: Callable[[torch.Tensor], torch.Tensor] | None,
+        output_qdq: DeployQDQ | None = None,
     ) -> None:
         super().__init__()
         if source.padding_mode != "zeros":
@@ -221,6 +223,7 @@ class DeployConv2d(nn.Module):
         self.register_buffer("weight", weight)
         self.norm = norm
         self.activation = activation
+        self.output_qdq = output_qdq
         self.calls = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -241,6 +244,8 @@ class DeployConv2d(nn.Module):
             y = self.norm(y)
         if self.activation is not None:
             y = self.activation(y)
+        if self.output_qdq is not None:
+            y = self.output_qdq(y)
         return y
 
     def extra_repr(self) -> str:
@@ -290,14 +295,22 @@ def lower_conv2d(module: QConv2d, ctx: LoweringContext) -> nn.Module:
     computes what the fake-quant model does.
     """
     epilogue, norm = conv_norm(module, ctx.name, ctx.next_norm)
+    output_quantizer = getattr(module, "output_quantizer", None)
+    if output_quantizer is not None and norm is not None and norm is not epilogue.norm:
+        raise ExportError(
+            f"cannot export {ctx.name!r}: its output quantizer acts before the separate norm that follows it, "
+            f"which therefore cannot fold into the conv"
+        )
     ctx.folded_next_norm = norm is not None and norm is not epilogue.norm
     input_qdq = ctx.qdq(module.input_quantizer, "input_quantizer")
+    output_qdq = None if output_quantizer is None else ctx.qdq(output_quantizer, "output_quantizer")
     if not module.weight_quantizer.enabled:  # float weight: nothing to fold into a scale, the norm runs as is
         ctx.folded_next_norm = False
         bias = None if module.bias is None else module.bias.detach().clone()
         return DeployConv2d(
             module, input_qdq=input_qdq, codes=None, code_index=[0], scales=None, biases=[bias],
             weight=module.weight.detach().clone(), norm=epilogue.norm, activation=epilogue.activation,
+            output_qdq=output_qdq,
         )  # fmt: skip
     w = weight_codes(module.weight_quantizer, module.weight, 0, f"{ctx.name}.weight_quantizer")
     ctx.summary.weight_bits[ctx.name] = module.weight_quantizer.bits
@@ -334,7 +347,7 @@ def lower_conv2d(module: QConv2d, ctx: LoweringContext) -> nn.Module:
         biases.append(b.contiguous())
     return DeployConv2d(
         module, input_qdq=input_qdq, codes=codes, code_index=code_index, scales=scales, biases=biases,
-        weight=None, norm=norm, activation=epilogue.activation,
+        weight=None, norm=norm, activation=epilogue.activation, output_qdq=output_qdq,
     )  # fmt: skip
 
 

@@ -9,6 +9,9 @@ meta-architecture.
 by class name, each with a function that returns the convs whose outputs ``FPN_ACTIVATION`` rectifies;
 ``ConvReLU``, the conv type it gives plain ``nn.Conv2d`` convs.
 
+``INTEGER_OUTPUTS`` (``OUTPUT_QUANTIZERS``): per meta-architecture, the convs whose outputs need an 8-bit
+quantizer for every quantized conv to export as an int8-out integer kernel.
+
 Both are :class:`~model_quantization.registry.Registry` tables holding detectron2's entries and those of
 :mod:`model_quantization.adelaidet` (data this module reads; nothing imports back). Contract:
 ``HEADS.add(name, prefixes)`` maps a meta-architecture class name to the qualified names of its head
@@ -28,7 +31,7 @@ from ..registry import Registry
 from ..spec import Rule
 from .config import SCOPES
 
-__all__ = ["HEADS", "NECKS", "SCOPES", "ConvReLU", "fpn_convs", "head_skip_rules"]
+__all__ = ["HEADS", "INTEGER_OUTPUTS", "NECKS", "SCOPES", "ConvReLU", "fpn_convs", "head_skip_rules"]
 
 HEADS: Registry[tuple[str, ...]] = Registry("meta-architecture")
 HEADS.add("RetinaNet", ("head",))
@@ -40,6 +43,34 @@ for _arch, _prefixes in adelaidet.HEAD_PREFIXES.items():
 NECKS: Registry[Callable[[nn.Module], list[nn.Module]]] = Registry("FPN-like neck")
 for _name, _convs in adelaidet.NECK_CONVS.items():
     NECKS.add(_name, _convs)
+
+
+#: The backbone and FPN convs of a ResNet (basic blocks) FPN whose outputs no quantizer takes next: the stem
+#: (its output is also the first residual), each block's last conv and shortcut (before the residual sum),
+#: the FPN's lateral convs (before the top-down sums) and P6 (feeding the head and P7).
+RESNET_FPN_OUTPUTS = (
+    "backbone.bottom_up.stem.conv1",
+    "backbone.bottom_up.res*.*.conv2",
+    "backbone.bottom_up.res*.*.shortcut",
+    "backbone.fpn_lateral*",
+    "backbone.top_block.p6",
+)
+#: ``OUTPUT_QUANTIZERS`` that put every quantized conv of the project's R-18 FPN detectors on int8-out
+#: integer kernels (``QLinearConv``), by meta-architecture: :data:`RESNET_FPN_OUTPUTS` plus the prediction
+#: convs (and, in FCOS, P5, which also feeds P6). Copy an entry into a config's
+#: ``MODEL.QUANTIZATION.OUTPUT_QUANTIZERS``; the export report counts the convs left on ``ConvInteger``.
+INTEGER_OUTPUTS: Registry[tuple[str, ...]] = Registry("meta-architecture")
+INTEGER_OUTPUTS.add("RetinaNet", (*RESNET_FPN_OUTPUTS, "head.cls_score", "head.bbox_pred"))
+INTEGER_OUTPUTS.add(
+    "OneStageDetector",
+    (
+        *RESNET_FPN_OUTPUTS,
+        "backbone.fpn_output5",
+        "proposal_generator.fcos_head.cls_logits",
+        "proposal_generator.fcos_head.bbox_pred",
+        "proposal_generator.fcos_head.ctrness",
+    ),
+)
 
 
 class ConvReLU(nn.Conv2d):

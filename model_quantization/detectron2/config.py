@@ -25,6 +25,8 @@ The schema mirrors the core spec in detectron2's upper-case style::
         COMPILE: False                 # torch.compile the quantized network (backbone, FPN, head towers)
         INTEGER_BIAS: False            # train with conv biases (after folded norms) on the int32 grid that
                                        #   ONNX Runtime's integer kernels add them on (fused export == model)
+        OUTPUT_QUANTIZERS: []          # globs of quantized convs whose outputs get an 8-bit quantizer, so
+                                       #   that they export as int8-out QLinearConv (see nn/outputs.py)
         DISTILLATION:                  # knowledge distillation from the float teacher (RetinaNet, FCOS)
           ENABLED: False
           TEACHER_WEIGHTS: ""          # the float teacher's checkpoint ("": MODEL.WEIGHTS)
@@ -52,6 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..nn.outputs import output_recipe
 from ..registry import did_you_mean
 from ..spec import QuantSpec
 
@@ -102,6 +105,7 @@ def add_quantization_config(cfg) -> None:
     q.FREEZE_BN_AFTER = 0.0
     q.COMPILE = False
     q.INTEGER_BIAS = False
+    q.OUTPUT_QUANTIZERS = []
     kd = node_type()
     kd.ENABLED = False
     kd.TEACHER_WEIGHTS = ""
@@ -131,6 +135,8 @@ class QuantizationConfig:
         compile: compile the quantized network with ``torch.compile``.
         integer_bias: conv biases on the int32 grid of integer kernels
             (:mod:`model_quantization.deploy.integer_bias`).
+        output_quantizers: globs of the quantized convs whose outputs get an 8-bit quantizer
+            (:mod:`model_quantization.nn.outputs`).
     """
 
     enabled: bool
@@ -146,6 +152,7 @@ class QuantizationConfig:
     distillation: DistillationConfig | None = None
     compile: bool = False
     integer_bias: bool = False
+    output_quantizers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -209,13 +216,19 @@ def spec_dict(q) -> dict[str, Any]:
 
 
 #: What only applies to quantization-aware training, switched off with it by :func:`float_config`.
-_QAT_ONLY = {"ENABLED": False, "REINIT_QUANTIZERS": False, "INTEGER_BIAS": False, "BACKBONE_WEIGHTS": ""}
+_QAT_ONLY = {
+    "ENABLED": False,
+    "REINIT_QUANTIZERS": False,
+    "INTEGER_BIAS": False,
+    "OUTPUT_QUANTIZERS": [],
+    "BACKBONE_WEIGHTS": "",
+}
 
 
 def float_config(cfg):
     """A clone of ``cfg`` (frozen as ``cfg`` is) that builds the float model: quantization off, and with it
     every option that only applies to quantized models (distillation, ``REINIT_QUANTIZERS``,
-    ``INTEGER_BIAS``, ``BACKBONE_WEIGHTS``), which the config check would refuse on a float model."""
+    ``INTEGER_BIAS``, ``OUTPUT_QUANTIZERS``, ``BACKBONE_WEIGHTS``), which the config check would refuse on a float model."""
     clone = cfg.clone()
     frozen = clone.is_frozen()
     clone.defrost()
@@ -247,6 +260,12 @@ def _number(value: Any, key: str, minimum: float = 0.0) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not value >= minimum:
         raise ValueError(f"{PREFIX}.{key}: must be a number >= {minimum:g}, got {value!r}")
     return float(value)
+
+
+def _patterns(value: Any, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple) or not all(isinstance(p, str) and p for p in value):
+        raise ValueError(f"{PREFIX}.{key}: expected a list of non-empty glob strings, got {value!r}")
+    return tuple(value)
 
 
 def _boolean(value: Any, key: str) -> bool:
@@ -302,6 +321,11 @@ def parse_quantization_config(cfg) -> QuantizationConfig:
         )
     distillation = _parse_distillation(cfg)
     integer_bias = _boolean(q.INTEGER_BIAS, "INTEGER_BIAS")
+    output_quantizers = _patterns(q.OUTPUT_QUANTIZERS, "OUTPUT_QUANTIZERS")
+    if output_quantizers and enabled:
+        for signed in (True, False):
+            where = f"{PREFIX}.OUTPUT_QUANTIZERS (the ACTIVATION recipe at 8 bits, signed={signed})"
+            output_recipe(spec.activation, where, signed)
     if not enabled:
         # FREEZE_BN_AFTER is a schedule option and applies to float fine-tunes too.
         ignored = [
@@ -310,6 +334,7 @@ def parse_quantization_config(cfg) -> QuantizationConfig:
                 ("REINIT_QUANTIZERS", reinit),
                 ("DISTILLATION.ENABLED", distillation),
                 ("INTEGER_BIAS", integer_bias),
+                ("OUTPUT_QUANTIZERS", bool(output_quantizers)),
             )
             if on
         ]
@@ -332,6 +357,7 @@ def parse_quantization_config(cfg) -> QuantizationConfig:
         distillation=distillation,
         compile=_boolean(q.COMPILE, "COMPILE"),
         integer_bias=integer_bias,
+        output_quantizers=output_quantizers,
     )
 
 

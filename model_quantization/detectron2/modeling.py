@@ -12,6 +12,7 @@ whether or not quantization is on) and kept as ``model.quantization_config``; th
    the package's log to detectron2's console and ``OUTPUT_DIR/log.txt``, and logs one line when the
    quantizers have initialised from data);
 3. the checkpoint guards (:mod:`.safeguards`: quantizer grid check, ``REINIT_QUANTIZERS``), with
+   ``OUTPUT_QUANTIZERS`` 8-bit conv outputs (:mod:`model_quantization.nn.outputs`), with
    ``INTEGER_BIAS`` the bias rounding of integer kernels (:mod:`model_quantization.deploy.integer_bias`)
    and, with ``BACKBONE_WEIGHTS``, the double-init hook (:mod:`.checkpoint`);
 4. the training-time parts of the recipe (:mod:`.training`: distillation, BN freezing).
@@ -22,11 +23,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..convert import convert
 from ..nn import DynamicConv2d
+from ..nn.outputs import attach_output_quantizers
 from ..spec import QuantSpec, Rule
 from .architectures import NECKS, ConvReLU, fpn_convs, head_skip_rules
 from .checkpoint import attach_backbone_weights, load_backbone_weights
@@ -102,6 +105,28 @@ def _attach_integer_bias(model: nn.Module) -> None:
     )
 
 
+def _attach_output_quantizers(model: nn.Module, config: QuantizationConfig) -> None:
+    """``OUTPUT_QUANTIZERS``: 8-bit quantizers on the outputs of the matched quantized convs."""
+    from ..deploy import detectors  # noqa: F401  (registers detectron2's and AdelaiDet's norms and epilogues)
+    from ..deploy.lowering import conv_epilogue, following_norms
+
+    def rectified(name: str, conv: nn.Module) -> bool:
+        return conv_epilogue(conv, name).activation in (F.relu, F.relu_, torch.relu)
+
+    key = "MODEL.QUANTIZATION.OUTPUT_QUANTIZERS"
+    convs = attach_output_quantizers(model, config.output_quantizers, config.spec.activation, key, rectified)
+    # A norm that follows the conv as a separate module would act after the output quantizer: the output is
+    # then no longer what an integer conv with that norm folded in writes.
+    separate = following_norms(model)
+    for name in convs:
+        if name in separate:
+            raise ValueError(
+                f"{key}: {name!r} is followed by a separate norm ({type(separate[name]).__name__}); quantize "
+                f"the output of a conv whose norm is inside it, or one without a norm"
+            )
+    logger.info("OUTPUT_QUANTIZERS: %d quantized convs quantize their outputs to 8 bits", len(convs))
+
+
 def quantize(model: nn.Module, cfg) -> nn.Module:
     """Apply the architecture options and, when enabled, quantize ``model`` in place as ``cfg`` says."""
     config = parse_quantization_config(cfg)
@@ -125,6 +150,8 @@ def quantize(model: nn.Module, cfg) -> nn.Module:
     logger.info("Quantized %s as MODEL.QUANTIZATION says:\n%s", type(model).__name__, report)
     model.quantization_report = report
     model.quantization_config = config
+    if config.output_quantizers:  # before the guards below, which count the model's quantizers
+        _attach_output_quantizers(model, config)
     # Pre-hook order: REINIT drops MODEL.WEIGHTS' quantizer state and the grid check reads what is left,
     # both before the double init (below) puts the low-bit backbone's state in.
     if config.reinit_quantizers:

@@ -118,17 +118,32 @@ def test_auto_kernels_fall_back_to_exact_ones_when_the_fused_engine_drifts(retin
 
 
 @pytest.mark.parametrize(
-    ("config", "opts"),
-    [(RETINANET, ("MODEL.RETINANET.SCORE_THRESH_TEST", 0.0)), (FCOS, ("MODEL.FCOS.INFERENCE_TH_TEST", 0.0))],
+    ("config", "architecture", "opts"),
+    [
+        (RETINANET, "RetinaNet", ("MODEL.RETINANET.SCORE_THRESH_TEST", 0.0)),
+        (FCOS, "OneStageDetector", ("MODEL.FCOS.INFERENCE_TH_TEST", 0.0)),
+    ],
     ids=["retinanet", "fcos"],
 )
-def test_integer_biases_make_the_fused_engine_exact_on_a_whole_detector(patched_tree, tmp_path, config, opts):
+def test_integer_biases_and_outputs_make_every_conv_an_exact_int8_kernel_on_a_whole_detector(
+    patched_tree, tmp_path, config, architecture, opts
+):
     """MODEL.QUANTIZATION.INTEGER_BIAS: the model adds every conv's bias (after its folded BN, per level in the
     shared heads) rounded as the integer kernels add it, so the fused engine reproduces the graph exactly
-    with the real biases, and kernels="auto" keeps the fused kernels even when it asks for an exact engine."""
+    with the real biases, and kernels="auto" keeps the fused kernels even when it asks for an exact engine.
+    With OUTPUT_QUANTIZERS (the architecture's INTEGER_OUTPUTS entry) no conv is left on ConvInteger."""
     from model_quantization.deploy import export_model
+    from model_quantization.detectron2.architectures import INTEGER_OUTPUTS
 
-    cfg, model = _initialised(config, "MODEL.QUANTIZATION.INTEGER_BIAS", True, *opts)
+    outputs = list(INTEGER_OUTPUTS.get(architecture))
+    cfg, model = _initialised(
+        config,
+        "MODEL.QUANTIZATION.INTEGER_BIAS",
+        True,
+        "MODEL.QUANTIZATION.OUTPUT_QUANTIZERS",
+        outputs,
+        *opts,
+    )
     report = export_model(cfg, model, tmp_path / "model.onnx", parity_images=2, min_engine_cosine=1.0)
     assert report.passes.kernels == "fused", report.notes
     assert max(report.engine.max_abs_diff.values()) == 0.0, str(report.engine)  # gate 2, exactly
@@ -136,7 +151,8 @@ def test_integer_biases_make_the_fused_engine_exact_on_a_whole_detector(patched_
     assert max(report.reference.head_max_abs_diff.values()) < 1e-3
     assert set(report.lowering.integer_biases) == set(report.lowering.weight_bits), "every quantized conv"
     assert len(report.lowering.integer_biases) >= 30, "backbone, FPN and head convs"
-    assert report.coverage.ops.get("QLinearConv", 0) >= 20 and report.coverage_passed, str(report.coverage)
+    assert report.passes.convinteger == [] and report.coverage_passed, str(report.coverage)
+    assert set(report.coverage.ops) == {"QLinearConv"}, str(report.coverage)
 
 
 def _matched(onnx_result, torch_result, min_iou: float = 0.999) -> None:

@@ -240,9 +240,22 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.parametrize(
-    "opts", [(), ("MODEL.QUANTIZATION.INTEGER_BIAS", "True")], ids=["plain", "integer_bias"]
-)
+#: INTEGER_BIAS and OUTPUT_QUANTIZERS (RetinaNet's INTEGER_OUTPUTS entry, as the worker eval()s it).
+INTEGER_KERNELS = (
+    "MODEL.QUANTIZATION.INTEGER_BIAS", "True",
+    "MODEL.QUANTIZATION.OUTPUT_QUANTIZERS",
+    "['backbone.bottom_up.stem.conv1', 'backbone.bottom_up.res*.*.conv2', 'backbone.bottom_up.res*.*.shortcut', "
+    "'backbone.fpn_lateral*', 'backbone.top_block.p6', 'head.cls_score', 'head.bbox_pred']",
+)  # fmt: skip
+
+
+def test_the_ddp_integer_kernel_settings_are_retinanets_integer_outputs() -> None:
+    from model_quantization.detectron2.architectures import INTEGER_OUTPUTS
+
+    assert eval(INTEGER_KERNELS[3]) == list(INTEGER_OUTPUTS.get("RetinaNet"))
+
+
+@pytest.mark.parametrize("opts", [(), INTEGER_KERNELS], ids=["plain", "integer_kernels"])
 def test_ddp_two_gloo_processes_keep_quantizers_identical(patched_tree, tmp_path: Path, opts) -> None:
     config = SHAPES / "retinanet_R_18_FPN_fullbn_lsq_w4a4.yaml"
     worker = tmp_path / "ddp_worker.py"  # a file: spawned workers re-import __main__ to find main()
@@ -256,6 +269,7 @@ def test_ddp_two_gloo_processes_keep_quantizers_identical(patched_tree, tmp_path
         rank0 = torch.load(tmp_path / f"{stage}0.pt", weights_only=False)
         rank1 = torch.load(tmp_path / f"{stage}1.pt", weights_only=False)
         assert set(rank0) == set(rank1) and any(k.endswith(".step") for k in rank0)
+        assert any(k.endswith("output_quantizer.step") and ".conv2." in k for k in rank0) == bool(opts)
         for key in rank0:
             assert torch.equal(rank0[key], rank1[key]), f"{stage}: {key} differs between ranks"
     # The data differ per rank, so identical steps after the first batch mean the initial values were
