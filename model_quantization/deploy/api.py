@@ -97,7 +97,8 @@ class ExportReport:
                 f"weights {len(low.weight_bits)} (bits {wbits}; stored {stored})",
                 f"  nodes ({self.passes.kernels} kernels): {', '.join(f'{op} {n}' for op, n in self.nodes.items())}",
                 f"  norms folded: {len(low.folded_norms)}; left as float ops: {len(low.unfolded_norms)}; "
-                f"biases trained on the int32 grid (INTEGER_BIAS): {len(low.integer_biases)}"
+                f"biases trained on the int32 grid (INTEGER_BIAS): {len(low.integer_biases)}; "
+                f"8-bit conv outputs (OUTPUT_QUANTIZERS): {len(low.output_quantizers)}"
                 + (
                     f"; negative weight scales: {'; '.join(low.negative_scales)}"
                     if low.negative_scales
@@ -226,6 +227,14 @@ def export_model(
             )
         elif kernels == "auto" and not images:
             report.notes.append("kernels auto without parity images: fused kernels, gate 2 not measured")
+        unfused = len(report.passes.convinteger)
+        if report.passes.kernels == "fused" and unfused:
+            report.notes.append(
+                f"{unfused} conv nodes keep a float output (ConvInteger + rescale, about 4x slower per "
+                f"multiply-add than QLinearConv): MODEL.QUANTIZATION.OUTPUT_QUANTIZERS puts them on int8-out "
+                f"kernels (model_quantization.detectron2.architectures.INTEGER_OUTPUTS lists them for "
+                f"RetinaNet and FCOS)"
+            )
         report.file_bytes = write_atomic(exported.deploy, path)
     finally:
         model.train(was_training)

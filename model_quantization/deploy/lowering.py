@@ -182,6 +182,7 @@ class LoweringSummary:
     integer_biases: list[str] = field(
         default_factory=list
     )  #: convs whose biases were trained on the int32 grid
+    output_quantizers: list[str] = field(default_factory=list)  #: convs with an 8-bit output quantizer
 
 
 class DeployConv2d(nn.Module):
@@ -304,6 +305,8 @@ def lower_conv2d(module: QConv2d, ctx: LoweringContext) -> nn.Module:
     ctx.folded_next_norm = norm is not None and norm is not epilogue.norm
     input_qdq = ctx.qdq(module.input_quantizer, "input_quantizer")
     output_qdq = None if output_quantizer is None else ctx.qdq(output_quantizer, "output_quantizer")
+    if output_qdq is not None:
+        ctx.summary.output_quantizers.append(ctx.name)
     if not module.weight_quantizer.enabled:  # float weight: nothing to fold into a scale, the norm runs as is
         ctx.folded_next_norm = False
         bias = None if module.bias is None else module.bias.detach().clone()

@@ -112,6 +112,7 @@ def test_auto_kernels_fall_back_to_exact_ones_when_the_fused_engine_drifts(retin
     unchecked = export_model(cfg, model, tmp_path / "unchecked.onnx", parity_images=0)
     assert unchecked.passes.kernels == "fused" and unchecked.engine is None
     assert any("gate 2 not measured" in note for note in unchecked.notes)
+    assert any("OUTPUT_QUANTIZERS puts them on int8-out kernels" in note for note in unchecked.notes)
     with pytest.raises(ValueError, match="kernels must be one of auto, fused, exact, qdq"):
         export_model(cfg, model, tmp_path / "bad.onnx", kernels="fastest")
     assert not (tmp_path / "bad.onnx").exists()
