@@ -105,12 +105,17 @@ def images(batch: int = 2, size: int = 64, seed: int = 0) -> torch.Tensor:
     return torch.rand(batch, 3, size, size, generator=generator) * 255.0
 
 
-def quantized_toy(method: str = "lsq", bits: int = 4, seed: int = 0) -> nn.Module:
-    """The toy, quantized with :func:`toy_spec`, its quantizers and BN statistics set from 3 batches."""
-    torch.manual_seed(seed)
-    model, _ = convert(ToyDetector(), toy_spec(method, bits))
+def initialised(model: nn.Module) -> nn.Module:
+    """``model`` with its quantizers and BN statistics set from 3 training batches, in eval mode."""
     model.train()
     with torch.no_grad():
         for step in range(3):
             model(images(4, seed=100 + step))
     return model.eval()
+
+
+def quantized_toy(method: str = "lsq", bits: int = 4, seed: int = 0) -> nn.Module:
+    """The toy, quantized with :func:`toy_spec`, its quantizers and BN statistics set from 3 batches."""
+    torch.manual_seed(seed)
+    model, _ = convert(ToyDetector(), toy_spec(method, bits))
+    return initialised(model)

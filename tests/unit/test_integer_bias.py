@@ -18,7 +18,7 @@ from model_quantization.deploy.grids import (
 )
 from model_quantization.deploy.integer_bias import attach_integer_bias
 from model_quantization.deploy.lowering import DeployConv2d, lower
-from tests.unit.deploy_helpers import OUTPUTS, ToyDetector, images, toy_spec
+from tests.unit.deploy_helpers import OUTPUTS, ToyDetector, images, initialised, toy_spec
 
 #: Every quantized conv of the toy: three with their BN inside forward, the tower conv with a per-level BN
 #: after it, and the prediction conv whose bias is its own (no norm).
@@ -30,11 +30,7 @@ def _toy(method: str = "lsq", bits: int = 2, seed: int = 2, integer: bool = True
     torch.manual_seed(seed)
     model, _ = convert(ToyDetector(), toy_spec(method, bits))
     attached = attach_integer_bias(model) if integer else []
-    model.train()
-    with torch.no_grad():
-        for step in range(3):
-            model(images(4, seed=100 + step))
-    return model.eval(), attached
+    return initialised(model), attached
 
 
 def test_the_fused_engine_computes_exactly_what_a_model_with_integer_biases_does():

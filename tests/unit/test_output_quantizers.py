@@ -19,7 +19,7 @@ from model_quantization.deploy import (
 from model_quantization.deploy.integer_bias import attach_integer_bias
 from model_quantization.deploy.lowering import lower
 from model_quantization.nn.outputs import attach_output_quantizers
-from tests.unit.deploy_helpers import OUTPUTS, ToyDetector, images, toy_spec
+from tests.unit.deploy_helpers import OUTPUTS, ToyDetector, images, initialised, toy_spec
 
 #: The toy's convs whose outputs are not quantized next (the stem's output also feeds the float residual).
 UNFUSED = ["stem", "conv2", "predict"]
@@ -34,11 +34,7 @@ def _toy(outputs: list[str], *, integer: bool = True, seed: int = 2):
     )
     if integer:
         attach_integer_bias(model)
-    model.train()
-    with torch.no_grad():
-        for step in range(3):
-            model(images(4, seed=100 + step))
-    return model.eval(), attached
+    return initialised(model), attached
 
 
 def test_every_conv_becomes_an_int8_out_kernel_that_computes_exactly_what_the_model_does():
