@@ -5,7 +5,8 @@ Speed: latency of the exported *network* (normalisation, backbone, FPN, head out
 and NMS are upstream's Python either way), batch 1, ``--threads`` intra-op threads, median of ``--iters``
 runs after ``--warmup``, at each of ``--sizes``, padded to the backbone's size divisibility as detectron2
 pads (800 x 1333 runs at 896 x 1408 for RetinaNet's P7). All rows use the same random weights (latency does
-not depend on values); quantizers are initialised from one random image. Rows:
+not depend on values); quantizers are initialised from one random image, then their steps made distinct as
+a trained model's are. Rows:
 
 * ONNX Runtime fp32: the float model (ONNX Runtime fuses its Conv + BN itself);
 * ONNX Runtime integer, LSQ 4/4 (the mixed recipe: 8-bit stem, predictors and sums) in int8 containers,
@@ -75,6 +76,7 @@ def _random_model(config: Path, opts: list):
     from detectron2.modeling import build_model
 
     from model_quantization.deploy import adapter_for
+    from model_quantization.quantizers import Quantizer
 
     torch.manual_seed(0)
     cfg = _cfg(config, opts)
@@ -84,6 +86,13 @@ def _random_model(config: Path, opts: list):
     network = adapter.network().train()
     with torch.no_grad():
         network(torch.rand(2, 3, side, side) * 255)
+        # Quantizers that saw the same tensor (the two head towers' inputs) now share a step and the ONNX
+        # exporter would merge their Q nodes, fusing convs that a trained model's distinct steps do not.
+        active = [
+            q for q in network.modules() if isinstance(q, Quantizer) and q.enabled and q.role == "activation"
+        ]
+        for i, quantizer in enumerate(active):
+            quantizer.step.mul_(1 + 1e-3 * (i + 1))
     return cfg, model.eval()
 
 

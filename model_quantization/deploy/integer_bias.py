@@ -135,7 +135,8 @@ def attach_integer_bias(network: nn.Module) -> list[str]:
         rounding = IntegerBias(module, name, norm)
         if norm is not None:
             norm.register_forward_pre_hook(rounding.before_norm)
-            norm.register_forward_hook(rounding.after_norm, always_call=True)
+            # first among the norm's hooks: an output quantizer there (OUTPUT_QUANTIZERS) takes the rounded sum
+            norm.register_forward_hook(rounding.after_norm, always_call=True, prepend=True)
         elif module.bias is not None:
             module.register_forward_pre_hook(rounding.before_conv)
             module.register_forward_hook(rounding.after_conv, always_call=True)

@@ -297,12 +297,20 @@ def lower_conv2d(module: QConv2d, ctx: LoweringContext) -> nn.Module:
     """
     epilogue, norm = conv_norm(module, ctx.name, ctx.next_norm)
     output_quantizer = getattr(module, "output_quantizer", None)
-    if output_quantizer is not None and norm is not None and norm is not epilogue.norm:
-        raise ExportError(
-            f"cannot export {ctx.name!r}: its output quantizer acts before the separate norm that follows it, "
-            f"which therefore cannot fold into the conv"
-        )
     ctx.folded_next_norm = norm is not None and norm is not epilogue.norm
+    if output_quantizer is not None and ctx.folded_next_norm != getattr(module, "output_after_next", False):
+        problem = (
+            "acts on the conv's output, before the separate norm that folds into the conv at export (place "
+            "it on that norm, as MODEL.QUANTIZATION.OUTPUT_QUANTIZERS does)"
+            if ctx.folded_next_norm
+            else "acts after another module, but no norm after the conv folds into it at export"
+        )
+        raise ExportError(f"cannot export {ctx.name!r}: its output quantizer {problem}")
+    if output_quantizer is not None and ctx.folded_next_norm and not module.weight_quantizer.enabled:
+        raise ExportError(
+            f"cannot export {ctx.name!r}: its output quantizer acts after the separate norm that follows it, "
+            f"which cannot fold into a conv with float weights"
+        )
     input_qdq = ctx.qdq(module.input_quantizer, "input_quantizer")
     output_qdq = None if output_quantizer is None else ctx.qdq(output_quantizer, "output_quantizer")
     if output_qdq is not None:
@@ -323,6 +331,11 @@ def lower_conv2d(module: QConv2d, ctx: LoweringContext) -> nn.Module:
             affines = norm_affines(norm)
         except ValueError as exc:
             ctx.summary.unfolded_norms.append(f"{ctx.name}: {type(norm).__name__} not folded ({exc})")
+        if affines is None and output_quantizer is not None and norm is not epilogue.norm:
+            raise ExportError(
+                f"cannot export {ctx.name!r}: its output quantizer acts after the separate norm that follows "
+                f"it, which does not fold into the conv"
+            )
         if affines is None:
             ctx.folded_next_norm = False
             if norm is not epilogue.norm:

@@ -45,27 +45,30 @@ for _name, _convs in adelaidet.NECK_CONVS.items():
     NECKS.add(_name, _convs)
 
 
-#: The backbone and FPN convs of a ResNet (basic blocks) FPN whose outputs no quantizer takes next: the stem
-#: (its output is also the first residual), each block's last conv and shortcut (before the residual sum),
-#: the FPN's lateral convs (before the top-down sums) and P6 (feeding the head and P7).
+#: The backbone and FPN convs of a ResNet (basic blocks) FPN whose outputs no single quantizer takes next:
+#: the stem (its output is also the first residual), each block's last conv and shortcut (before the
+#: residual sum), the FPN's lateral convs (before the top-down sums), and its output convs and P6/P7, whose
+#: outputs feed two head towers with quantizers of their own (and P5 or C5 the top block as well).
 RESNET_FPN_OUTPUTS = (
     "backbone.bottom_up.stem.conv1",
     "backbone.bottom_up.res*.*.conv2",
     "backbone.bottom_up.res*.*.shortcut",
     "backbone.fpn_lateral*",
-    "backbone.top_block.p6",
+    "backbone.fpn_output*",
+    "backbone.top_block.p*",
 )
 #: ``OUTPUT_QUANTIZERS`` that put every quantized conv of the project's R-18 FPN detectors on int8-out
 #: integer kernels (``QLinearConv``), by meta-architecture: :data:`RESNET_FPN_OUTPUTS` plus the prediction
-#: convs (and, in FCOS, P5, which also feeds P6). Copy an entry into a config's
-#: ``MODEL.QUANTIZATION.OUTPUT_QUANTIZERS``; the export report counts the convs left on ``ConvInteger``.
+#: convs, and in FCOS the last conv of the (2-conv, shapes configs') box tower, which feeds both the box and
+#: the centerness predictions (its quantizer acts after the tower's per-level norm). Copy an entry into a config's ``MODEL.QUANTIZATION.OUTPUT_QUANTIZERS``; the export report counts
+#: the convs left on ``ConvInteger``.
 INTEGER_OUTPUTS: Registry[tuple[str, ...]] = Registry("meta-architecture")
 INTEGER_OUTPUTS.add("RetinaNet", (*RESNET_FPN_OUTPUTS, "head.cls_score", "head.bbox_pred"))
 INTEGER_OUTPUTS.add(
     "OneStageDetector",
     (
         *RESNET_FPN_OUTPUTS,
-        "backbone.fpn_output5",
+        "proposal_generator.fcos_head.bbox_tower.3",
         "proposal_generator.fcos_head.cls_logits",
         "proposal_generator.fcos_head.bbox_pred",
         "proposal_generator.fcos_head.ctrness",

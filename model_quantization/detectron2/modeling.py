@@ -113,17 +113,15 @@ def _attach_output_quantizers(model: nn.Module, config: QuantizationConfig) -> N
     def rectified(name: str, conv: nn.Module) -> bool:
         return conv_epilogue(conv, name).activation in (F.relu, F.relu_, torch.relu)
 
+    separate = following_norms(model)  # e.g. the shared heads' per-level norms: quantize after them
+
+    def placement(name: str, conv: nn.Module) -> nn.Module:
+        return separate.get(name, conv)
+
     key = "MODEL.QUANTIZATION.OUTPUT_QUANTIZERS"
-    convs = attach_output_quantizers(model, config.output_quantizers, config.spec.activation, key, rectified)
-    # A norm that follows the conv as a separate module would act after the output quantizer: the output is
-    # then no longer what an integer conv with that norm folded in writes.
-    separate = following_norms(model)
-    for name in convs:
-        if name in separate:
-            raise ValueError(
-                f"{key}: {name!r} is followed by a separate norm ({type(separate[name]).__name__}); quantize "
-                f"the output of a conv whose norm is inside it, or one without a norm"
-            )
+    convs = attach_output_quantizers(
+        model, config.output_quantizers, config.spec.activation, key, rectified, placement
+    )
     logger.info("OUTPUT_QUANTIZERS: %d quantized convs quantize their outputs to 8 bits", len(convs))
 
 

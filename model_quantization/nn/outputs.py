@@ -11,7 +11,9 @@ and evaluation alike, so the export can emit ``QLinearConv`` and still compute w
 
 Contract: the quantizer is a child module named ``output_quantizer`` (so it is in the state dict, in
 ``QuantizedModule.quantizers()``, in the DDP initialisation and the grid checks like every other quantizer)
-and a forward hook applies it; the export handler of ``QConv2d`` reads it. Its recipe is the model's
+and a forward hook applies it: on the conv, or on the norm that follows it as a separate module and folds
+into it at export (the caller says which; ``conv.output_after_next`` records it); the export handler of
+``QConv2d`` reads both. Its recipe is the model's
 activation recipe at 8 bits, signed (conv outputs before a sum or a prediction are signed), or unsigned
 for a conv whose output ends with a ReLU (the caller says which: ONNX Runtime drops a ReLU into the
 requantization only for an unsigned output with zero point 0).
@@ -42,8 +44,14 @@ def output_recipe(activation: QuantizerRecipe, where: str, signed: bool = True) 
     return recipe
 
 
-def _quantize_output(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
-    return module.output_quantizer(output)
+class _QuantizeOutput:
+    """Forward hook: ``conv``'s output quantizer on the output of the module it is registered on."""
+
+    def __init__(self, conv: nn.Module) -> None:
+        self.conv = conv  # a deep copy of the model copies the hook with its own conv (deepcopy's memo)
+
+    def __call__(self, module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+        return self.conv.output_quantizer(output)
 
 
 def attach_output_quantizers(
@@ -52,6 +60,7 @@ def attach_output_quantizers(
     activation: QuantizerRecipe,
     where: str = "output quantizers",
     rectified: Callable[[str, nn.Module], bool] | None = None,
+    placement: Callable[[str, nn.Module], nn.Module] | None = None,
 ) -> list[str]:
     """Give every quantized conv matched by ``patterns`` an 8-bit output quantizer.
 
@@ -62,6 +71,8 @@ def attach_output_quantizers(
         where: the setting's name, for errors.
         rectified: ``(name, conv) -> True`` when the conv's output ends with a ReLU (it gets an unsigned
             quantizer); None: every output is signed.
+        placement: ``(name, conv) ->`` the module whose output the quantizer takes: the conv, or the norm
+            that follows it as a separate module (folded into the conv at export); None: the conv.
 
     Returns:
         The qualified names of the convs that got one, in model order.
@@ -84,7 +95,9 @@ def attach_output_quantizers(
         recipe = recipes[not (rectified is not None and rectified(name, conv))]
         quantizer = build_quantizer(recipe, "activation", owner=f"{name} (output)")
         conv.output_quantizer = quantizer.to(conv.weight.device)
-        conv.register_forward_hook(_quantize_output)
+        target = conv if placement is None else placement(name, conv)
+        target.register_forward_hook(_QuantizeOutput(conv))
+        conv.output_after_next = target is not conv  # where it acts, for the export
         attached.append(name)
     unmatched = [p for p, names in matched.items() if not names]
     if unmatched:

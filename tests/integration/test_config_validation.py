@@ -32,8 +32,6 @@ def _build(path, *opts):
         (FLOAT, ["MODEL.QUANTIZATION.OUTPUT_QUANTIZERS", ["head.cls_score"]], r"OUTPUT_QUANTIZERS is set but MODEL.QUANTIZATION.ENABLED is False"),
         (QUANTIZED, ["MODEL.QUANTIZATION.OUTPUT_QUANTIZERS", ["head.cls_scores"]], r"OUTPUT_QUANTIZERS: 'head.cls_scores' matches no quantized conv"),
         (QUANTIZED, ["MODEL.QUANTIZATION.OUTPUT_QUANTIZERS", ["head.cls_score", 3]], r"OUTPUT_QUANTIZERS: expected a list of non-empty glob strings"),
-        # Before a separate (per-level) norm, an 8-bit output would stop that norm folding into the conv.
-        (QUANTIZED, ["MODEL.QUANTIZATION.OUTPUT_QUANTIZERS", ["head.cls_subnet.0"]], r"OUTPUT_QUANTIZERS: 'head.cls_subnet.0' is followed by a separate norm"),
         # Typed options: booleans are booleans, numbers numbers.
         (QUANTIZED, ["MODEL.QUANTIZATION.WEIGHT.OPTIONS", {"GRAD_SCALE": "no"}], r"WEIGHT.OPTIONS.GRAD_SCALE: must be true or false, got 'no'"),
         (QUANTIZED, ["MODEL.QUANTIZATION.WEIGHT.OPTIONS", {"INIT_VALUE": "abc"}], r"WEIGHT.OPTIONS.INIT_VALUE: must be a number or null, got 'abc'"),

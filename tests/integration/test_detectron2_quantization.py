@@ -245,7 +245,8 @@ INTEGER_KERNELS = (
     "MODEL.QUANTIZATION.INTEGER_BIAS", "True",
     "MODEL.QUANTIZATION.OUTPUT_QUANTIZERS",
     "['backbone.bottom_up.stem.conv1', 'backbone.bottom_up.res*.*.conv2', 'backbone.bottom_up.res*.*.shortcut', "
-    "'backbone.fpn_lateral*', 'backbone.top_block.p6', 'head.cls_score', 'head.bbox_pred']",
+    "'backbone.fpn_lateral*', 'backbone.fpn_output*', 'backbone.top_block.p*', 'head.cls_score', "
+    "'head.bbox_pred']",
 )  # fmt: skip
 
 

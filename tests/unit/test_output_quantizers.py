@@ -17,7 +17,7 @@ from model_quantization.deploy import (
     reference_parity,
 )
 from model_quantization.deploy.integer_bias import attach_integer_bias
-from model_quantization.deploy.lowering import lower
+from model_quantization.deploy.lowering import following_norms, lower
 from model_quantization.nn.outputs import attach_output_quantizers
 from tests.unit.deploy_helpers import OUTPUTS, ToyDetector, images, initialised, toy_spec
 
@@ -25,12 +25,19 @@ from tests.unit.deploy_helpers import OUTPUTS, ToyDetector, images, initialised,
 UNFUSED = ["stem", "conv2", "predict"]
 
 
-def _toy(outputs: list[str], *, integer: bool = True, seed: int = 2):
+def _toy(outputs: list[str], *, integer: bool = True, seed: int = 2, after_norms: bool = True):
+    """The toy with output quantizers on ``outputs``: after the tower's separate norm (as modeling places
+    them) or, with ``after_norms=False``, on every conv's own output."""
     torch.manual_seed(seed)
     spec = toy_spec("lsq", 4)
     model, _ = convert(ToyDetector(), spec)
+    separate = following_norms(model) if after_norms else {}
     attached = attach_output_quantizers(
-        model, outputs, spec.activation, rectified=lambda name, _: name == "stem"
+        model,
+        outputs,
+        spec.activation,
+        rectified=lambda name, _: name == "stem",
+        placement=lambda name, conv: separate.get(name, conv),
     )
     if integer:
         attach_integer_bias(model)
@@ -75,6 +82,23 @@ def test_the_outputs_are_on_an_8_bit_grid_and_the_quantizers_train_and_checkpoin
         assert grad is not None and grad.abs().sum() > 0, name
 
 
+def test_a_conv_with_a_separate_norm_quantizes_after_that_norm_which_still_folds():
+    """The shared tower: conv, then its per-level BN as the next module. The output quantizer takes the norm's
+    output (with the integer-bias rounding added first), and the export folds the norm as without it."""
+    model, _ = _toy(["tower.0"])
+    result = export_network(model, images(2), OUTPUTS, kernels="fused")
+    assert result.lowering.output_quantizers == ["tower.0"]
+    assert any(line.startswith("tower.0 <- LevelBN") for line in result.lowering.folded_norms)
+    inputs = [images(2, seed=7)]
+    reference = reference_parity(model, result.debug, OUTPUTS, result.lowering.activations, inputs)
+    assert reference.passed, str(reference)
+    assert engine_parity(result.deploy, inputs).min_cosine > 0.999
+    with torch.no_grad():  # the tower's output is on the output quantizer's grid before its ReLU
+        tower = model.tower[1](model.tower[0](model.stem((images(1) - 110.0) / 60.0)))
+    codes = tower / model.tower[0].output_quantizer.integer_grid().scale
+    assert torch.allclose(codes, codes.round(), atol=1e-3)
+
+
 def test_bad_settings_are_refused_by_name():
     with pytest.raises(ValueError, match=r"'head\.\*' matches no quantized conv"):
         _toy(["stem", "head.*"])
@@ -82,7 +106,9 @@ def test_bad_settings_are_refused_by_name():
     model, _ = convert(ToyDetector(), pact)
     with pytest.raises(ValueError, match="OUTPUT_QUANTIZERS"):
         attach_output_quantizers(model, ["predict"], pact.activation, "OUTPUT_QUANTIZERS")
-    # A norm that is a separate module acts after the output quantizer: it cannot fold into the conv.
-    model, _ = _toy(["tower.0"], integer=False)
-    with pytest.raises(ExportError, match=r"'tower\.0': its output quantizer acts before the separate norm"):
+    # On the conv's own output, before the norm that folds into it: the export cannot write that.
+    model, _ = _toy(["tower.0"], integer=False, after_norms=False)
+    with pytest.raises(
+        ExportError, match=r"'tower\.0': its output quantizer acts on the conv's output, before"
+    ):
         lower(model)
