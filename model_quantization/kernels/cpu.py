@@ -41,6 +41,9 @@ SOURCE = r"""
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 /* Work is split into blocks of BLOCK elements, statically partitioned over the threads like ATen's
  * parallel_for: each thread streams one contiguous range, which the hardware prefetchers like (dynamic
@@ -261,8 +264,78 @@ void mq_ste_backward(const float* restrict x, const float* restrict grad, float*
         }                                                                          \
     }
 
+/* 8 or 16 levels (3 and 4 bits) with x86 vector intrinsics, when the build has them: the index is counted
+ * by compares alone and the output is a register permute of the levels by the index (an exact copy of a
+ * level, like the select chain), which halves the work of the select chain: 16 levels, AVX-512, 0.25 ns
+ * per element instead of 0.45 (values only, 1 thread). The compare is "not <=", unordered true, so NaN
+ * goes above every threshold exactly as in LEVEL_SPAN; the tail of a span goes through the scalar loop. */
+#if defined(__AVX512F__)
+#define SIMD_LANES 16
+#define SIMD_SPAN(NT)                                                                        \
+    {                                                                                      \
+        __m512 tt[NT];                                                                     \
+        float padded[16] = {0};                                                            \
+        for (int j = 0; j < (NT); ++j) tt[j] = _mm512_set1_ps(t[j]);                       \
+        for (int j = 0; j <= (NT); ++j) padded[j] = lv[j];                                 \
+        const __m512 ll = _mm512_loadu_ps(padded);                                         \
+        const __m512i one = _mm512_set1_epi32(1);                                          \
+        for (; i + 16 <= len; i += 16) {                                                   \
+            const __m512 v = _mm512_loadu_ps(xs + i);                                      \
+            __m512i k = _mm512_setzero_si512();                                            \
+            for (int j = 0; j < (NT); ++j)                                                 \
+                k = _mm512_mask_add_epi32(k, _mm512_cmp_ps_mask(v, tt[j], _CMP_NLE_UQ), k, one); \
+            _mm512_storeu_si512((void*)(idx + i), k);                                      \
+            _mm512_storeu_ps(outs + i, _mm512_permutexvar_ps(k, ll));                      \
+        }                                                                                  \
+    }
+#elif defined(__AVX2__)
+#define SIMD_LANES 8
+#define SIMD_SPAN(NT)                                                                        \
+    {                                                                                      \
+        __m256 tt[NT];                                                                     \
+        float padded[16] = {0};                                                            \
+        for (int j = 0; j < (NT); ++j) tt[j] = _mm256_set1_ps(t[j]);                       \
+        for (int j = 0; j <= (NT); ++j) padded[j] = lv[j];                                 \
+        const __m256 lo = _mm256_loadu_ps(padded), hi = _mm256_loadu_ps(padded + 8);       \
+        const __m256i seven = _mm256_set1_epi32(7);                                        \
+        for (; i + 8 <= len; i += 8) {                                                     \
+            const __m256 v = _mm256_loadu_ps(xs + i);                                      \
+            __m256i k = _mm256_setzero_si256();                                            \
+            for (int j = 0; j < (NT); ++j) /* an all-ones lane is -1: subtracting counts it */ \
+                k = _mm256_sub_epi32(k, _mm256_castps_si256(_mm256_cmp_ps(v, tt[j], _CMP_NLE_UQ))); \
+            __m256 o = _mm256_permutevar8x32_ps(lo, k);                                    \
+            if ((NT) > 7)                                                                  \
+                o = _mm256_blendv_ps(o, _mm256_permutevar8x32_ps(hi, k),                   \
+                                     _mm256_castsi256_ps(_mm256_cmpgt_epi32(k, seven)));   \
+            _mm256_storeu_si256((__m256i*)(idx + i), k);                                   \
+            _mm256_storeu_ps(outs + i, o);                                                 \
+        }                                                                                  \
+    }
+#endif
+
+#ifdef SIMD_LANES
+static void level_span_simd(const float* restrict xs, float* restrict outs, int32_t* restrict idx, int64_t len,
+                            const float* restrict lv, const float* restrict t, int64_t num_levels) {
+    int64_t i = 0;
+    if (num_levels == 16) SIMD_SPAN(15) else SIMD_SPAN(7)
+    for (; i < len; ++i) {
+        const float v = xs[i];
+        int k = 0;
+        for (int64_t j = 0; j < num_levels - 1; ++j) k += !(v <= t[j]);
+        idx[i] = k;
+        outs[i] = lv[k];
+    }
+}
+#endif
+
 static void level_span(const float* restrict xs, float* restrict outs, int32_t* restrict idx, int64_t len,
                        const float* restrict lv, const float* restrict t, int64_t num_levels) {
+#ifdef SIMD_LANES
+    if (num_levels == 8 || num_levels == 16) {
+        level_span_simd(xs, outs, idx, len, lv, t, num_levels);
+        return;
+    }
+#endif
     switch (num_levels) {
         case 2: LEVEL_SPAN(1) return;
         case 3: LEVEL_SPAN(2) return;
