@@ -13,8 +13,8 @@ Contract: the quantizer is a child module named ``output_quantizer`` (so it is i
 ``QuantizedModule.quantizers()``, in the DDP initialisation and the grid checks like every other quantizer)
 and a forward hook applies it: on the conv, or on the norm that follows it as a separate module and folds
 into it at export (the caller says which; ``conv.output_after_next`` records it); the export handler of
-``QConv2d`` reads both. Its recipe is the model's activation recipe at 8 bits, signed (conv outputs before
-a sum or a prediction are signed), or unsigned for a conv whose output ends with a ReLU (the caller says
+``QConv2d`` reads both. Its recipe is the model's activation recipe at 8 bits (steps initialised by least squared error, see
+:data:`OUTPUT_INIT_METHOD`), signed (conv outputs before a sum or a prediction are signed), or unsigned for a conv whose output ends with a ReLU (the caller says
 which: ONNX Runtime drops a ReLU into the requantization only for an unsigned output with zero point 0).
 """
 
@@ -27,18 +27,31 @@ import torch
 from torch import nn
 
 from model_quantization.nn.layers import QConv2d
-from model_quantization.quantizers import QuantizerRecipe, build_quantizer
+from model_quantization.quantizers import QUANTIZERS, QuantizerRecipe, build_quantizer
 from model_quantization.spec import Rule
 
-__all__ = ["OUTPUT_BITS", "attach_output_quantizers", "output_recipe"]
+__all__ = ["OUTPUT_BITS", "OUTPUT_INIT_METHOD", "attach_output_quantizers", "output_recipe"]
 
 #: Bits of every output quantizer: what 8-bit integer kernels write.
 OUTPUT_BITS = 8
 
 
+#: How an output quantizer's step is initialised from data, where its method has that option (LSQ):
+#: least squared error. LSQ's ``2 mean|x| / sqrt(Qp)`` suits 2-4 bits; at 8 bits it spreads the grid over
+#: ~22 mean|x|, and in a short fine-tune the step hardly moves from there. Measured on a trained FCOS R-18
+#: 4/4 (seed 1, INTEGER_BIAS + OUTPUT_QUANTIZERS, 800 iterations): its output steps had 3-150x the squared
+#: error of the least-squares step (the prediction convs' worst: a classification logit step of 0.74), and
+#: setting them to least-squares steps, without training, raised its box AP from 65.0 to 67.4.
+OUTPUT_INIT_METHOD = "mse"
+
+
 def output_recipe(activation: QuantizerRecipe, where: str, signed: bool = True) -> QuantizerRecipe:
-    """The output quantizers' recipe: ``activation``'s method and options at 8 bits (validated)."""
-    recipe = dataclasses.replace(activation, bits=OUTPUT_BITS, signed=signed)
+    """The output quantizers' recipe: ``activation``'s method and options at 8 bits, with steps initialised
+    by least squared error where the method has an ``init_method`` (validated)."""
+    options = dict(activation.options)
+    if any(f.name == "init_method" for f in dataclasses.fields(QUANTIZERS.get(activation.method).Options)):
+        options["init_method"] = OUTPUT_INIT_METHOD
+    recipe = dataclasses.replace(activation, bits=OUTPUT_BITS, signed=signed, options=options)
     recipe.validate("activation", where)
     return recipe
 

@@ -19,6 +19,7 @@ from model_quantization.deploy import (
 from model_quantization.deploy.integer_bias import attach_integer_bias
 from model_quantization.deploy.lowering import following_norms, lower
 from model_quantization.nn.outputs import attach_output_quantizers
+from model_quantization.quantizers.estimators import mse_step
 from tests.unit.deploy_helpers import OUTPUTS, ToyDetector, images, initialised, toy_spec
 
 #: The toy's convs whose outputs are not quantized next (the stem's output also feeds the float residual).
@@ -80,6 +81,35 @@ def test_the_outputs_are_on_an_8_bit_grid_and_the_quantizers_train_and_checkpoin
     for name in UNFUSED:
         grad = getattr(model, name).output_quantizer.step.grad
         assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_output_steps_start_at_the_least_squares_step_not_at_lsqs_8_bit_mean_abs_estimate():
+    """LSQ's ``2 mean|x| / sqrt(Qp)`` at 8 bits spreads the grid over ~22 mean|x| (a trained FCOS's logit step
+    was 0.74); output quantizers start from the step of least squared error on their first batch instead,
+    whatever the activation recipe's own ``init_method``."""
+    torch.manual_seed(2)
+    spec = toy_spec("lsq", 4)
+    model, _ = convert(ToyDetector(), spec)
+    attach_output_quantizers(model, UNFUSED, spec.activation)
+    assert spec.activation.options.get("init_method", "mean_abs") == "mean_abs"
+    seen = {}
+    for name in UNFUSED:
+        quantizer = getattr(model, name).output_quantizer
+        quantizer.register_forward_pre_hook(
+            lambda q, args, name=name: seen.setdefault(name, args[0].detach())
+        )
+    with torch.no_grad():
+        model.train()(images(4, seed=100))
+    for name in UNFUSED:
+        quantizer, x = getattr(model, name).output_quantizer, seen[name]
+        least_squares = mse_step(x, quantizer.qn, quantizer.qp)
+        torch.testing.assert_close(quantizer.step.detach().reshape(()), least_squares.reshape(()))
+        mean_abs = 2 * x.abs().mean() / quantizer.qp**0.5
+
+        def error(step, x=x, q=quantizer):
+            return (torch.clamp(torch.round(x / step), -q.qn, q.qp) * step - x).square().mean()
+
+        assert error(least_squares) < error(mean_abs), name
 
 
 def test_a_conv_with_a_separate_norm_quantizes_after_that_norm_which_still_folds():
