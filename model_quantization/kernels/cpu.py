@@ -270,7 +270,7 @@ void mq_ste_backward(const float* restrict x, const float* restrict grad, float*
  * per element instead of 0.45 (values only, 1 thread). The compare is "not <=", unordered true, so NaN
  * goes above every threshold exactly as in LEVEL_SPAN; the tail of a span goes through the scalar loop. */
 #if defined(__AVX512F__)
-#define SIMD_LANES 16
+#define HAVE_LEVEL_SIMD 1  /* 16 lanes */
 #define SIMD_SPAN(NT)                                                                        \
     {                                                                                      \
         __m512 tt[NT];                                                                     \
@@ -289,7 +289,7 @@ void mq_ste_backward(const float* restrict x, const float* restrict grad, float*
         }                                                                                  \
     }
 #elif defined(__AVX2__)
-#define SIMD_LANES 8
+#define HAVE_LEVEL_SIMD 1  /* 8 lanes */
 #define SIMD_SPAN(NT)                                                                        \
     {                                                                                      \
         __m256 tt[NT];                                                                     \
@@ -313,7 +313,7 @@ void mq_ste_backward(const float* restrict x, const float* restrict grad, float*
     }
 #endif
 
-#ifdef SIMD_LANES
+#ifdef HAVE_LEVEL_SIMD
 static void level_span_simd(const float* restrict xs, float* restrict outs, int32_t* restrict idx, int64_t len,
                             const float* restrict lv, const float* restrict t, int64_t num_levels) {
     int64_t i = 0;
@@ -330,7 +330,7 @@ static void level_span_simd(const float* restrict xs, float* restrict outs, int3
 
 static void level_span(const float* restrict xs, float* restrict outs, int32_t* restrict idx, int64_t len,
                        const float* restrict lv, const float* restrict t, int64_t num_levels) {
-#ifdef SIMD_LANES
+#ifdef HAVE_LEVEL_SIMD
     if (num_levels == 8 || num_levels == 16) {
         level_span_simd(xs, outs, idx, len, lv, t, num_levels);
         return;
