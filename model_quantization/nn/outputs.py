@@ -13,9 +13,10 @@ Contract: the quantizer is a child module named ``output_quantizer`` (so it is i
 ``QuantizedModule.quantizers()``, in the DDP initialisation and the grid checks like every other quantizer)
 and a forward hook applies it: on the conv, or on the norm that follows it as a separate module and folds
 into it at export (the caller says which; ``conv.output_after_next`` records it); the export handler of
-``QConv2d`` reads both. Its recipe is the model's activation recipe at 8 bits (steps initialised by least squared error, see
-:data:`OUTPUT_INIT_METHOD`), signed (conv outputs before a sum or a prediction are signed), or unsigned for a conv whose output ends with a ReLU (the caller says
-which: ONNX Runtime drops a ReLU into the requantization only for an unsigned output with zero point 0).
+``QConv2d`` reads both. Its recipe is the model's activation recipe at 8 bits (steps initialised by least
+squared error, see :data:`OUTPUT_INIT_METHOD`), signed (conv outputs before a sum or a prediction are
+signed), or unsigned for a conv whose output ends with a ReLU (the caller says which: ONNX Runtime drops a
+ReLU into the requantization only for an unsigned output with zero point 0).
 """
 
 from __future__ import annotations
