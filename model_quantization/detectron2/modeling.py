@@ -16,6 +16,9 @@ whether or not quantization is on) and kept as ``model.quantization_config``; th
    ``INTEGER_BIAS`` the bias rounding of integer kernels (:mod:`model_quantization.deploy.integer_bias`)
    and, with ``BACKBONE_WEIGHTS``, the double-init hook (:mod:`.checkpoint`);
 4. the training-time parts of the recipe (:mod:`.training`: distillation, BN freezing).
+
+On CPU it also makes glibc keep freed memory for reuse (:func:`model_quantization.allocator.keep_freed_memory`:
+a training step's large tensors stop paying page faults every step), for float and quantized models alike.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..allocator import keep_freed_memory
 from ..convert import convert
 from ..nn import DynamicConv2d
 from ..nn.outputs import attach_output_quantizers
@@ -128,6 +132,8 @@ def _attach_output_quantizers(model: nn.Module, config: QuantizationConfig) -> N
 def quantize(model: nn.Module, cfg) -> nn.Module:
     """Apply the architecture options and, when enabled, quantize ``model`` in place as ``cfg`` says."""
     config = parse_quantization_config(cfg)
+    if str(cfg.MODEL.DEVICE).startswith("cpu"):
+        keep_freed_memory()
     route_to_detectron2_log()  # train_net.py's console and OUTPUT_DIR/log.txt get the report below
     relu_convs = apply_architecture_options(model, config)
     if relu_convs:
