@@ -16,6 +16,10 @@ MODEL.QUANTIZATION off and on (LSQ w4a4 Quantize-All), each eager and with ``MOD
   empty Inductor cache (first round); after a slash, the same with the cache the first round filled (a
   restarted training run; later rounds).
 
+Every variant's model is built by the build hook, which on CPU makes glibc keep freed memory for reuse
+(:mod:`model_quantization.allocator`); ``MODEL_QUANTIZATION_MALLOC=system`` measures glibc's defaults. The
+table's first line says which.
+
 Targets (issue 15): compiled QAT <= 1.0x the float *eager* step time and <= 1.15x the float compiled step;
 QAT peak memory <= 1.3x float eager.
 """
@@ -82,6 +86,7 @@ def measure(
     from detectron2.solver import build_optimizer
     from detectron2.utils.events import EventStorage
 
+    from model_quantization.allocator import kept
     from model_quantization.compilation import compiled_units
 
     cuda = device.startswith("cuda")
@@ -163,6 +168,7 @@ def measure(
         "compiled": sorted(units) if compiled else [],
         "compile_failure": failure,
         "compiled_calls": sum(u.compiled_calls for u in units.values()),
+        "freed_memory_kept": kept(),
     }
 
 
@@ -254,6 +260,9 @@ def to_markdown(
 ) -> str:
     """The table (one row per size, batch and variant) and the verdict on each target, per setting."""
     where = f"{threads} CPU threads" if device == "cpu" else device
+    if device == "cpu":
+        kept = {r.get("freed_memory_kept") for table in results.values() for r in table.values()}
+        where += ", glibc keeps freed memory" if kept == {True} else ", glibc's default malloc trimming"
     lines = [
         f"RetinaNet R-18 FPN Full-BN (shapes), {where}, median of {iters} steps (best of {rounds} processes), "
         f"{(load or LoadCheck()).line()}.",

@@ -21,6 +21,9 @@ def test_qat_step_benchmark_measures_float_and_lsq(patched_tree) -> None:
     for row in table.values():
         assert row["sec_per_iter"] > 0 and row["peak_mb"] > 0
         assert row["compile_s"] is None and row["compiled"] == []
+        assert row["freed_memory_kept"], (
+            "the build hook keeps freed memory on CPU (model_quantization.allocator)"
+        )
     assert table["lsq w4a4"]["params"] > table["float"]["params"], "LSQ adds step-size parameters"
     # The compiled rows and their verdicts, rendered from a stand-in measurement.
     results[(64, 2)]["lsq w4a4 compiled"] = {
@@ -31,6 +34,7 @@ def test_qat_step_benchmark_measures_float_and_lsq(patched_tree) -> None:
     }
     markdown = qat_step.to_markdown(results, threads=1, iters=1, rounds=1)
     assert markdown.count("\n| 64 | 2 |") == 3
+    assert "1 CPU threads, glibc keeps freed memory," in markdown
     assert "| 120 / 20 |" in markdown
     assert (
         "compiled QAT time <= 1.0x float eager:" in markdown
