@@ -6,10 +6,10 @@ with ``munmap`` when freed, and it returns the top of the heap to the system onc
 ``M_TRIM_THRESHOLD`` of it is free. A training step allocates and frees the same large tensors every
 iteration (activations, their gradients, and in QAT every fake-quantized weight: 9.4 MB for one
 512x512x3x3 conv), so on CPU each of them is zero-filled page by page by the kernel again, step after
-step. Measured here (2-core AMD EPYC, 1 thread): a 512x512x3x3 conv took 8.6 ms on a freshly
-allocated weight against 1.3 ms on a kept one, and LSQ's fake quantization of that weight 8.3 ms
-against 0.8 ms; a RetinaNet R-18 training step (128 px, batch 2) 8% less time float and 12% less LSQ
-4/4 compiled with :func:`keep_freed_memory`.
+step. Measured on a 2-core AMD EPYC: a 512x512x3x3 conv took 8.6 ms on a freshly allocated weight
+against 1.3 ms on a kept one, and LSQ's fake quantization of that weight 8.3 ms against 0.8 ms (1 thread);
+with :func:`keep_freed_memory` a RetinaNet R-18 training step (128 px, batch 2, 2 threads,
+``bench/qat_step.py``) took 10% less time float eager and 15% less LSQ 4/4 compiled.
 
 :func:`keep_freed_memory` fixes both thresholds (``M_MMAP_THRESHOLD`` at glibc's ceiling, 32 MiB on 64-bit,
 and no trimming), so freed blocks below 32 MiB go back to malloc's free lists and are reused without the
