@@ -9,12 +9,14 @@ not depend on values); quantizers are initialised from one random image, then th
 a trained model's are. Rows:
 
 * ONNX Runtime fp32: the float model (ONNX Runtime fuses its Conv + BN itself);
-* ONNX Runtime integer, LSQ 4/4 (the mixed recipe: 8-bit stem, predictors and sums) in int8 containers,
-  ``fused`` kernels (QLinearConv where the graph allows, ConvInteger elsewhere) and ``exact`` kernels
-  (ConvInteger everywhere: float biases, bit-faithful to the Q/DQ reference); and ``fused`` with the
-  architecture's ``INTEGER_OUTPUTS`` as ``OUTPUT_QUANTIZERS`` (8-bit conv outputs: every conv a QLinearConv);
-* ONNX Runtime integer, LSQ 8/8, weights in ``auto`` containers (uint8 + 128 where int8 could saturate
-  without VNNI) and in plain ``int8`` (what a VNNI CPU runs fastest; may saturate without VNNI);
+* ONNX Runtime integer, LSQ 4/4 (the mixed recipe: 8-bit stem, predictors and sums) in int8 containers:
+  as the ``*_mixed`` config says, i.e. with its deploy options ``INTEGER_BIAS`` and ``OUTPUT_QUANTIZERS``
+  (8-bit conv outputs: every conv, or all but FCOS's tiny box/centerness predictions, a QLinearConv),
+  ``fused`` kernels; and without those options, ``fused`` (QLinearConv where the graph allows, ConvInteger
+  elsewhere) and ``exact`` (ConvInteger everywhere: float biases, bit-faithful to the Q/DQ reference);
+* ONNX Runtime integer, LSQ 8/8 without the options, weights in ``auto`` containers (uint8 + 128 where int8
+  could saturate without VNNI) and in plain ``int8`` (what a VNNI CPU runs fastest; may saturate without
+  VNNI);
 * PyTorch eager fp32 of the float network.
 
 Target: integer >= 2.5x faster than ONNX Runtime fp32 (measured on an AVX512-VNNI CPU; int8 speed depends
@@ -54,6 +56,12 @@ ARCHS = {
     ),
 }  # fmt: skip
 EIGHT_BITS = ["MODEL.QUANTIZATION.WEIGHT.BITS", 8, "MODEL.QUANTIZATION.ACTIVATION.BITS", 8]
+WITHOUT_DEPLOY_OPTIONS = [
+    "MODEL.QUANTIZATION.INTEGER_BIAS",
+    False,
+    "MODEL.QUANTIZATION.OUTPUT_QUANTIZERS",
+    [],
+]
 TARGET_SPEEDUP = 2.5
 MAX_DELTA_AP = 0.3
 
@@ -124,18 +132,18 @@ def speed(
     import torch
 
     from model_quantization.deploy import adapter_for, export_model, make_session
-    from model_quantization.detectron2.architectures import INTEGER_OUTPUTS
 
     float_config, quantized_config = ARCHS[arch]
-    meta_architecture = _cfg(quantized_config, []).MODEL.META_ARCHITECTURE
-    outputs = ["MODEL.QUANTIZATION.OUTPUT_QUANTIZERS", list(INTEGER_OUTPUTS.get(meta_architecture))]
+    # The *_mixed recipe as configured (with its deploy options INTEGER_BIAS and OUTPUT_QUANTIZERS), and
+    # without them: every conv whose output no quantizer takes next is then a ConvInteger with float output.
+    plain = [*WITHOUT_DEPLOY_OPTIONS]
     variants = [
         ("ONNX Runtime fp32, float model", float_config, [], {}),
-        ("ONNX Runtime integer, LSQ 4/4 mixed, fused", quantized_config, [], {"kernels": "fused"}),
-        ("ONNX Runtime integer, LSQ 4/4 mixed + OUTPUT_QUANTIZERS, fused", quantized_config, outputs, {"kernels": "fused"}),
-        ("ONNX Runtime integer, LSQ 4/4 mixed, exact", quantized_config, [], {"kernels": "exact"}),
-        ("ONNX Runtime integer, LSQ 8/8, fused (auto containers)", quantized_config, EIGHT_BITS, {"kernels": "fused"}),
-        ("ONNX Runtime integer, LSQ 8/8, fused (int8: VNNI)", quantized_config, EIGHT_BITS, {"kernels": "fused", "weight_container": "int8"}),
+        ("ONNX Runtime integer, LSQ 4/4 mixed without INTEGER_BIAS / OUTPUT_QUANTIZERS, fused", quantized_config, plain, {"kernels": "fused"}),
+        ("ONNX Runtime integer, LSQ 4/4 mixed (the recipe: + INTEGER_BIAS + OUTPUT_QUANTIZERS), fused", quantized_config, [], {"kernels": "fused"}),
+        ("ONNX Runtime integer, LSQ 4/4 mixed without them, exact", quantized_config, plain, {"kernels": "exact"}),
+        ("ONNX Runtime integer, LSQ 8/8 without them, fused (auto containers)", quantized_config, plain + EIGHT_BITS, {"kernels": "fused"}),
+        ("ONNX Runtime integer, LSQ 8/8 without them, fused (int8: VNNI)", quantized_config, plain + EIGHT_BITS, {"kernels": "fused", "weight_container": "int8"}),
     ]  # fmt: skip
     rows = []
     float_network = divisibility = None

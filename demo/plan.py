@@ -275,6 +275,8 @@ def variants(
                         False,
                         "MODEL.QUANTIZATION.INTEGER_BIAS",
                         False,
+                        "MODEL.QUANTIZATION.OUTPUT_QUANTIZERS",
+                        [],
                     ),
                 )  # fmt: skip
             )

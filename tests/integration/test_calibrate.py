@@ -24,13 +24,12 @@ def _float_weights(tmp_path: Path, config: Path) -> str:
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
+    from model_quantization.detectron2.config import float_config
+
     torch.manual_seed(0)
-    # quantization off: what only applies to QAT (the *_mixed recipe's distillation) goes off too
-    model = build_model(
-        load_cfg(
-            config, "MODEL.QUANTIZATION.ENABLED", False, "MODEL.QUANTIZATION.DISTILLATION.ENABLED", False
-        )
-    )
+    # quantization off: what only applies to QAT (the *_mixed recipe's distillation and deploy options)
+    # goes off too
+    model = build_model(float_config(load_cfg(config)))
     DetectionCheckpointer(model, str(tmp_path)).save(f"float_{config.stem}")
     return str(tmp_path / f"float_{config.stem}.pth")
 

@@ -170,15 +170,23 @@ def test_config_hash_follows_the_config(patched_tree, tmp_path):
     longer = type(quick)(**{**quick.__dict__, "float_iters": 41})
     assert a != config_hash(build_cfg(float_variant, longer, None, tmp_path / "a"))
     # a key added after runs were cached is hashed only when set: at its default the runs stay valid
-    qat = next(v for v in variants(quick, ["retinanet"]) if v.key.endswith("lsq_w4a4"))
+    recipe = next(v for v in variants(quick, ["retinanet"]) if v.key.endswith("lsq_w4a4"))
+    # the *_mixed configs set both later keys (INTEGER_BIAS, OUTPUT_QUANTIZERS): at their defaults here
+    qat = dataclasses.replace(
+        recipe, opts=(*recipe.opts, *(item for pair in LATER_KEYS.items() for item in pair))
+    )
     cfg = build_cfg(qat, quick, None, tmp_path / "a")
+    assert config_hash(cfg) != config_hash(build_cfg(recipe, quick, None, tmp_path / "a"))
     before = cfg.clone()
     before.defrost()
     for key in LATER_KEYS:  # the config as it was before the keys existed
         del before.MODEL.QUANTIZATION[key.split(".")[-1]]
     assert config_hash(cfg) == config_hash(before)
     on = build_cfg(
-        dataclasses.replace(qat, opts=("MODEL.QUANTIZATION.INTEGER_BIAS", True)), quick, None, tmp_path
+        dataclasses.replace(qat, opts=(*qat.opts, "MODEL.QUANTIZATION.INTEGER_BIAS", True)),
+        quick,
+        None,
+        tmp_path,
     )
     assert config_hash(on) != config_hash(cfg)
 
