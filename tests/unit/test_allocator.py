@@ -53,9 +53,9 @@ def test_kept_memory_is_reused_without_page_faults_and_system_opts_out():
     assert not system["kept"] and kept["kept"]
     # With glibc's defaults the kernel maps (and zero-fills) fresh pages step after step, how many depends
     # on where small allocations land between the big ones (measured here over 6 runs: 1 to 40 weights'
-    # worth in 20 steps). Kept, the freed blocks are reused: the heap grows in a step or two at most
-    # (a weight's worth each), then no step faults any more.
-    assert sum(f > 0 for f in kept["faults"]) <= 2 and not any(kept["faults"][-10:]), (kept, system)
+    # worth in 20 steps, in most runs at every step). Kept, the freed blocks are reused: the heap grows
+    # in a step or two at most (a weight's worth each, sometimes late in the 20), and no other step faults.
+    assert sum(f > 0 for f in kept["faults"]) <= 2, (kept, system)
     assert sum(kept["faults"]) <= 2 * pages, (kept, system)
 
 
