@@ -56,12 +56,6 @@ ARCHS = {
     ),
 }  # fmt: skip
 EIGHT_BITS = ["MODEL.QUANTIZATION.WEIGHT.BITS", 8, "MODEL.QUANTIZATION.ACTIVATION.BITS", 8]
-WITHOUT_DEPLOY_OPTIONS = [
-    "MODEL.QUANTIZATION.INTEGER_BIAS",
-    False,
-    "MODEL.QUANTIZATION.OUTPUT_QUANTIZERS",
-    [],
-]
 TARGET_SPEEDUP = 2.5
 MAX_DELTA_AP = 0.3
 
@@ -132,6 +126,7 @@ def speed(
     import torch
 
     from model_quantization.deploy import adapter_for, export_model, make_session
+    from model_quantization.detectron2.config import WITHOUT_DEPLOY_OPTIONS
 
     float_config, quantized_config = ARCHS[arch]
     # The *_mixed recipe as configured (with its deploy options INTEGER_BIAS and OUTPUT_QUANTIZERS), and

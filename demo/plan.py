@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from model_quantization.detectron2.config import WITHOUT_DEPLOY_OPTIONS
 from model_quantization.footprint import FLOAT_BITS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -273,10 +274,7 @@ def variants(
                         False,
                         "MODEL.QUANTIZATION.REINIT_QUANTIZERS",
                         False,
-                        "MODEL.QUANTIZATION.INTEGER_BIAS",
-                        False,
-                        "MODEL.QUANTIZATION.OUTPUT_QUANTIZERS",
-                        [],
+                        *WITHOUT_DEPLOY_OPTIONS,
                     ),
                 )  # fmt: skip
             )

@@ -68,7 +68,7 @@ def keep_freed_memory() -> bool:
     if os.environ.get("MODEL_QUANTIZATION_MALLOC", "").strip().lower() != "system":
         libc = _glibc()
         if libc is not None:
-            # Trimming first: setting either threshold also turns off glibc's dynamic mmap threshold.
+            # (Setting either threshold also turns off glibc's dynamic mmap threshold.)
             kept = bool(libc.mallopt(_M_TRIM_THRESHOLD, _NO_TRIM)) and bool(
                 libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
             )

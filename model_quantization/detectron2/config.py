@@ -61,6 +61,7 @@ from ..spec import QuantSpec
 __all__ = [
     "FPN_ACTIVATIONS",
     "SCOPES",
+    "WITHOUT_DEPLOY_OPTIONS",
     "DistillationConfig",
     "QuantizationConfig",
     "add_quantization_config",
@@ -214,6 +215,10 @@ def spec_dict(q) -> dict[str, Any]:
         "rules": rules,
     }
 
+
+#: ``merge_from_list`` pairs that switch the deploy options (``INTEGER_BIAS``, ``OUTPUT_QUANTIZERS``) back to
+#: the schema defaults: the ``*_mixed`` recipe, which turns them on, without them.
+WITHOUT_DEPLOY_OPTIONS = (f"{PREFIX}.INTEGER_BIAS", False, f"{PREFIX}.OUTPUT_QUANTIZERS", [])
 
 #: What only applies to quantization-aware training, switched off with it by :func:`float_config`.
 _QAT_ONLY = {

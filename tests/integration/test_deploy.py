@@ -21,18 +21,14 @@ pytestmark = pytest.mark.integration
 
 RETINANET = CONFIG_DIR / "shapes" / "retinanet_R_18_FPN_fullbn_lsq_w4a4_mixed.yaml"
 FCOS = ADET_CONFIG_DIR / "shapes" / "fcos_R_18_FPN_fullbn_lsq_w4a4_mixed.yaml"
-WITHOUT_DEPLOY_OPTIONS = (
-    "MODEL.QUANTIZATION.INTEGER_BIAS",
-    False,
-    "MODEL.QUANTIZATION.OUTPUT_QUANTIZERS",
-    [],
-)
 
 
 def _initialised(config: Path, *opts, batches: int = 2):
     """cfg and model of ``config``; quantizer steps and BN statistics set by ``batches`` training batches."""
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
+
+    from model_quantization.detectron2.config import WITHOUT_DEPLOY_OPTIONS
 
     # Random weights: no float teacher to distill from (the *_mixed recipe's KD), and none needed here; the
     # recipe's deploy options (INTEGER_BIAS, OUTPUT_QUANTIZERS) off unless a test turns them on.
