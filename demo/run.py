@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -79,7 +80,7 @@ def build_cfg(
         import adet.modeling  # noqa: F401  (registers AdelaiDet's meta-architectures)
         from adet.config import get_cfg
     else:
-        from detectron2.config import get_cfg
+        get_cfg = _detectron2_defaults().clone
     cfg = get_cfg()
     cfg.merge_from_file(str(ROOT / variant.config))
     opts = mode.opts(variant)
@@ -90,6 +91,22 @@ def build_cfg(
     cfg.merge_from_list(opts + ["OUTPUT_DIR", str(output_dir)])
     cfg.freeze()
     return cfg
+
+
+@functools.cache
+def _detectron2_defaults():
+    """detectron2's own default config, even after AdelaiDet was imported: ``adet/config/defaults.py``
+    adds its keys to detectron2's global defaults in place, so ``detectron2.config.get_cfg()`` would give a
+    RetinaNet row FCOS's keys (and another config hash) in a process that also plans FCOS rows. A fresh
+    execution of detectron2's defaults module (patched: our quantization keys included) has none of them."""
+    import detectron2.config.defaults as loaded
+
+    spec = importlib.util.spec_from_file_location(
+        "detectron2.config._defaults_without_addons", loaded.__file__
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module._C
 
 
 def config_hash(cfg, parent_hash: str = "", extra: str = "") -> str:

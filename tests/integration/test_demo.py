@@ -191,6 +191,37 @@ def test_config_hash_follows_the_config(patched_tree, tmp_path):
     assert config_hash(on) != config_hash(cfg)
 
 
+_RETINANET_HASH_ALONE = """
+import model_quantization.detectron2
+from pathlib import Path
+from demo.plan import MODES, variants
+from demo.run import build_cfg, config_hash
+quick = MODES["quick"]
+print(config_hash(build_cfg(variants(quick, ["retinanet"])[0], quick, None, Path("x"))))
+"""
+
+
+def test_a_detectron2_rows_hash_does_not_depend_on_adelaidet_being_loaded(patched_tree, tmp_path):
+    """AdelaiDet extends detectron2's global default config in place when it is imported: a RetinaNet row
+    planned beside FCOS (the default demo) must still hash as in a RetinaNet-only process, or the float
+    run cached by `--models retinanet` (or the study) is trained again."""
+    import model_quantization.detectron2  # noqa: F401
+    from demo.plan import MODES, variants
+    from demo.run import build_cfg, config_hash
+
+    quick = MODES["quick"]
+    plan = variants(quick, ["retinanet", "fcos"])
+    build_cfg(next(v for v in plan if v.adelaidet), quick, None, tmp_path)  # imports AdelaiDet's config
+    retinanet = build_cfg(plan[0], quick, None, tmp_path)
+    assert "FCOS" not in retinanet.MODEL and "HFLIP_TRAIN" not in retinanet.INPUT
+    alone = subprocess.run(
+        [sys.executable, "-c", _RETINANET_HASH_ALONE], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert config_hash(retinanet) == alone.stdout.split()[-1]
+
+
 def test_full_mode_uses_the_coco_recipes_and_says_what_is_missing(patched_tree, tmp_path):
     import model_quantization.detectron2  # noqa: F401
     from demo.plan import MODES, variants
