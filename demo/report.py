@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from model_quantization.footprint import FLOAT_BITS
@@ -141,7 +142,7 @@ def _pyplot():
 def plot_ap_vs_bits(results: list[PhaseResult], path: Path, dataset: str) -> Path:
     """AP against weight/activation bits, one line per model, the float AP as a dashed reference."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(8, 4))
     models = list(dict.fromkeys(r.model for r in results))
     by_key = {r.key: r for r in results}
     for index, model in enumerate(models):
@@ -161,16 +162,22 @@ def plot_ap_vs_bits(results: list[PhaseResult], path: Path, dataset: str) -> Pat
             if r.weight_bits == FLOAT_BITS:
                 times = _fine_tunes(r, by_key)
                 style, what = (
-                    (":", "float") if not times else ("--", "float, fine-tuned" + f" {times}x" * (times > 1))
+                    (":", "float")
+                    if not times
+                    else ("--" if times == 1 else "-.", "float, fine-tuned" + f" {times}x" * (times > 1))
                 )
                 ax.axhline(r.AP, color=color, linestyle=style, label=f"{model} {what} ({r.AP:.1f})")
     ax.set_xlabel("bits (weights / activations)")
     ax.set_ylabel(f"box AP ({dataset})")
     ax.set_xticks(sorted({r.weight_bits for r in results if r.weight_bits != FLOAT_BITS}))
-    ax.set_ylim(bottom=0)
+    # from the nearest 5 AP below the lowest point, not from 0: rows a few AP apart stay distinguishable
+    lowest = min((r.AP for r in results if math.isfinite(r.AP)), default=0.0)
+    ax.set_ylim(bottom=max(0.0, 5 * math.floor((lowest - 2) / 5)))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    ax.set_title("Accuracy vs bit width")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title(
+        "Accuracy vs bit width (the AP axis does not start at 0)" if lowest > 7 else "Accuracy vs bit width"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
