@@ -194,6 +194,8 @@ def plot_loss_curves(results: list[PhaseResult], runs_dir: Path, path: Path) -> 
         rows = [r for r in results if r.model == model]
         for index, r in enumerate(rows):
             iterations, losses = read_loss_curve(runs_dir / r.key)
+            if not iterations:  # a PTQ row (no training): nothing to draw, so no legend entry either
+                continue
             shift = sum(run.iterations for run in lineage(r, by_key)[:-1])
             ax.plot([i + shift for i in iterations], losses, color=f"C{index}", label=r.bits, linewidth=1.2)
         ax.set_title(model)
