@@ -35,7 +35,15 @@ from .exporter import DEFAULT_OPSET, ExportedNetwork, export_network, write_atom
 from .grids import ExportError
 from .lowering import CONV_EPILOGUES, EXPORT_HANDLERS, register_export_handler
 from .norms import NORM_AFFINES
-from .parity import EngineParity, ReferenceParity, engine_parity, reference_parity, without_conv_biases
+from .parity import (
+    CodeDivergence,
+    EngineParity,
+    ReferenceParity,
+    engine_divergence,
+    engine_parity,
+    reference_parity,
+    without_conv_biases,
+)
 from .runtime import Coverage, cpu_isa, integer_coverage, make_session
 
 __all__ = [
@@ -46,6 +54,7 @@ __all__ = [
     "MIN_INTEGER_COVERAGE",
     "NORM_AFFINES",
     "Coverage",
+    "CodeDivergence",
     "EngineParity",
     "ExportError",
     "ExportReport",
@@ -54,6 +63,7 @@ __all__ = [
     "ReferenceParity",
     "adapter_for",
     "cpu_isa",
+    "engine_divergence",
     "engine_parity",
     "evaluate_onnx",
     "evaluate_pytorch",

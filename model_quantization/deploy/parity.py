@@ -32,7 +32,15 @@ from model_quantization.quantizers import Quantizer
 from .grids import ActivationQDQ
 from .runtime import make_session
 
-__all__ = ["EngineParity", "ReferenceParity", "engine_parity", "reference_parity", "without_conv_biases"]
+__all__ = [
+    "CodeDivergence",
+    "EngineParity",
+    "ReferenceParity",
+    "engine_divergence",
+    "engine_parity",
+    "reference_parity",
+    "without_conv_biases",
+]
 
 #: Gate thresholds (the issue's): every activation within one step; cosine of every head output.
 MAX_STEPS = 1.0
@@ -185,12 +193,31 @@ def reference_parity(
 
 
 @dataclass
+class CodeDivergence:
+    """One activation quantizer's integer codes, fused engine against reference, over the compared images."""
+
+    quantizer: str  #: e.g. ``backbone.bottom_up.stem.conv1.output`` (the module and which side of it)
+    differing: int  #: codes that differ
+    codes: int
+    max_steps: int  #: largest |engine - reference| in steps of its grid
+
+    @property
+    def fraction(self) -> float:
+        return self.differing / self.codes if self.codes else 0.0
+
+
+@dataclass
 class EngineParity:
-    """Gate 2 figures: per head output, cosine and max |diff| of the engine against the reference."""
+    """Gate 2 figures: per head output, cosine and max |diff| of the engine against the reference.
+
+    ``divergence`` (measured only when the gate fails): every activation quantizer's codes in graph order,
+    engine against reference, so a failure says where the two part ways (a few codes that round the other
+    way and multiply layer by layer, or one layer that is simply wrong)."""
 
     images: int
     cosine: dict[str, float] = field(default_factory=dict)
     max_abs_diff: dict[str, float] = field(default_factory=dict)
+    divergence: list[CodeDivergence] = field(default_factory=list)
 
     @property
     def min_cosine(self) -> float:
@@ -202,10 +229,19 @@ class EngineParity:
 
     def __str__(self) -> str:
         worst = min(self.cosine, key=self.cosine.get) if self.cosine else "-"
-        return (
+        text = (
             f"{'PASS' if self.passed else 'FAIL'}: min cosine {self.min_cosine:.6f} over {len(self.cosine)} head "
             f"outputs ({self.images} images; worst {worst}), max |diff| {max(self.max_abs_diff.values(), default=0):.3g}"
         )
+        differing = [d for d in self.divergence if d.differing]
+        if differing:
+            first, most = differing[0], max(differing, key=lambda d: d.fraction)
+            text += (
+                f"; integer codes first differ at {first.quantizer} ({first.differing} of {first.codes}, up to "
+                f"{first.max_steps} step(s)), most at {most.quantizer} ({100 * most.fraction:.1f}%, up to "
+                f"{most.max_steps}); {len(differing)} of {len(self.divergence)} quantized activations differ"
+            )
+        return text
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -235,7 +271,54 @@ def engine_parity(
         ref, eng = np.concatenate(ref), np.concatenate(eng)
         result.cosine[name] = _cosine(ref, eng)
         result.max_abs_diff[name] = float(np.abs(ref - eng).max()) if ref.size else 0.0
+    if not result.passed:
+        result.divergence = engine_divergence(model, images, threads)
     return result
+
+
+_QDQ_SCALE = "_qdq.scale"  # the exporter's scale initialisers: ``network.<module>.<input|output>_qdq.scale``
+
+
+def engine_divergence(
+    model: onnx.ModelProto | bytes, images: Sequence[torch.Tensor], threads: int | None = 1
+) -> list[CodeDivergence]:
+    """Every QuantizeLinear's codes, ``ORT_ENABLE_ALL`` against ``ORT_DISABLE_ALL``, in graph order.
+
+    The codes are made graph outputs of a copy of the model (a fused node still produces its QuantizeLinear's
+    tensor, so the fusions stay as in the deployed graph; a test checks the head outputs are unchanged).
+    """
+    if isinstance(model, bytes):
+        model = onnx.load_model_from_string(model)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    present = {o.name for o in copy.graph.output}
+    quantize = [n for n in copy.graph.node if n.op_type == "QuantizeLinear"]
+    for node in quantize:
+        if node.output[0] not in present:
+            copy.graph.output.append(onnx.helper.make_empty_tensor_value_info(node.output[0]))
+    data = copy.SerializeToString()
+    reference = make_session(data, optimize=False, threads=threads)
+    engine = make_session(data, optimize=True, threads=threads)
+    names = [o.name for o in reference.get_outputs()]
+    input_name = reference.get_inputs()[0].name
+    counts: dict[str, list[int]] = {n.output[0]: [0, 0, 0] for n in quantize}
+    for image in images:
+        feed = {input_name: image.numpy()}
+        for name, ref, eng in zip(names, reference.run(None, feed), engine.run(None, feed), strict=True):
+            if name in counts:
+                steps = np.abs(ref.astype(np.int64) - eng.astype(np.int64))
+                count = counts[name]
+                count[0] += int(np.count_nonzero(steps))
+                count[1] += steps.size
+                count[2] = max(count[2], int(steps.max()) if steps.size else 0)
+    return [CodeDivergence(_quantizer_name(node), *counts[node.output[0]]) for node in quantize]
+
+
+def _quantizer_name(node: onnx.NodeProto) -> str:
+    scale = node.input[1]
+    if scale.endswith(_QDQ_SCALE):
+        return scale[: -len(_QDQ_SCALE)].removeprefix("network.")
+    return node.output[0]
 
 
 def without_conv_biases(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -4,11 +4,18 @@ the model does; training still reaches every parameter; what has no integer grid
 
 from __future__ import annotations
 
+import onnx
 import pytest
 import torch
 
 from model_quantization import convert
-from model_quantization.deploy import engine_parity, export_network, reference_parity
+from model_quantization.deploy import (
+    engine_divergence,
+    engine_parity,
+    export_network,
+    make_session,
+    reference_parity,
+)
 from model_quantization.deploy.grids import (
     SAFE_INT8_CODE,
     WIDE_CODE,
@@ -52,6 +59,40 @@ def test_the_fused_engine_computes_exactly_what_a_model_with_integer_biases_does
     )
     assert reference.passed, str(reference)
     assert max(reference.head_max_abs_diff_free.values()) < 1e-5, "free-running too: nothing to cascade"
+
+
+def test_a_failed_engine_parity_names_where_the_integer_codes_part_ways():
+    """Gate 2 on the float-bias toy fails; the report then names, by module, the first activation whose codes
+    differ between the fused engine and the reference, and how far the difference spreads; with integer
+    biases no code differs anywhere."""
+    plain, _ = _toy(integer=False)
+    exported = export_network(plain, images(2), OUTPUTS, kernels="fused")
+    inputs = [images(2, seed=7), images(2, seed=8)]
+    engine = engine_parity(exported.deploy, inputs)
+    assert not engine.passed
+    names = [d.quantizer for d in engine.divergence]
+    assert names[:3] == ["stem.input", "conv1.input", "conv2.input"], names  # graph order, module names
+    assert names.count("tower.0.input") == 2, "one entry per call of the shared tower (per level)"
+    differing = [d for d in engine.divergence if d.differing]
+    assert differing and all(0 < d.differing <= d.codes and d.max_steps >= 1 for d in differing)
+    assert f"integer codes first differ at {differing[0].quantizer}" in str(engine)
+
+    # making the codes graph outputs does not change what the fused engine computes at the heads
+    deployed = make_session(exported.deploy, optimize=True, threads=1)
+    feed = {deployed.get_inputs()[0].name: inputs[0].numpy()}
+    heads = deployed.run(None, feed)
+    probe = onnx.load_model_from_string(exported.deploy.SerializeToString())
+    for node in probe.graph.node:
+        if node.op_type == "QuantizeLinear":
+            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(node.output[0]))
+    extended = make_session(probe, optimize=True, threads=1).run(None, feed)
+    for head, again in zip(heads, extended, strict=False):
+        assert torch.equal(torch.from_numpy(head), torch.from_numpy(again))
+
+    model, _ = _toy()
+    exact = export_network(model, images(2), OUTPUTS, kernels="fused")
+    assert [d.differing for d in engine_divergence(exact.deploy, inputs)] == [0] * len(names)
+    assert engine_parity(exact.deploy, inputs).divergence == [], "measured only when the gate fails"
 
 
 def test_the_lowered_biases_are_on_the_kernel_grid_and_the_model_adds_the_same_rounding():
