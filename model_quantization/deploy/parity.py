@@ -39,6 +39,7 @@ __all__ = [
     "engine_divergence",
     "engine_parity",
     "reference_parity",
+    "with_codes_as_outputs",
     "without_conv_biases",
 ]
 
@@ -252,21 +253,28 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b) / norm
 
 
-def engine_parity(
-    model: onnx.ModelProto | bytes, images: Sequence[torch.Tensor], threads: int | None = 1
-) -> EngineParity:
-    """Gate 2: ``ORT_ENABLE_ALL`` (integer kernels) against ``ORT_DISABLE_ALL`` on the same inputs."""
+def _paired_outputs(model: onnx.ModelProto | bytes, images: Sequence[torch.Tensor], threads: int | None):
+    """(output name, reference value, engine value) for every graph output and image: ``ORT_DISABLE_ALL``
+    (the Q/DQ reference) and ``ORT_ENABLE_ALL`` (integer kernels) on the same inputs."""
     reference = make_session(model, optimize=False, threads=threads)
     engine = make_session(model, optimize=True, threads=threads)
     names = [o.name for o in reference.get_outputs()]
     input_name = reference.get_inputs()[0].name
-    result = EngineParity(len(images))
-    collected: dict[str, tuple[list, list]] = {name: ([], []) for name in names}
     for image in images:
         feed = {input_name: image.numpy()}
-        for name, ref, eng in zip(names, reference.run(None, feed), engine.run(None, feed), strict=True):
-            collected[name][0].append(ref.ravel())
-            collected[name][1].append(eng.ravel())
+        yield from zip(names, reference.run(None, feed), engine.run(None, feed), strict=True)
+
+
+def engine_parity(
+    model: onnx.ModelProto | bytes, images: Sequence[torch.Tensor], threads: int | None = 1
+) -> EngineParity:
+    """Gate 2: ``ORT_ENABLE_ALL`` (integer kernels) against ``ORT_DISABLE_ALL`` on the same inputs."""
+    result = EngineParity(len(images))
+    collected: dict[str, tuple[list, list]] = {}
+    for name, ref, eng in _paired_outputs(model, images, threads):
+        refs, engs = collected.setdefault(name, ([], []))
+        refs.append(ref.ravel())
+        engs.append(eng.ravel())
     for name, (ref, eng) in collected.items():
         ref, eng = np.concatenate(ref), np.concatenate(eng)
         result.cosine[name] = _cosine(ref, eng)
@@ -279,38 +287,34 @@ def engine_parity(
 _QDQ_SCALE = "_qdq.scale"  # the exporter's scale initialisers: ``network.<module>.<input|output>_qdq.scale``
 
 
+def with_codes_as_outputs(model: onnx.ModelProto | bytes) -> onnx.ModelProto:
+    """A copy of ``model`` whose every QuantizeLinear output (integer codes) is also a graph output.
+
+    A fused node still produces its QuantizeLinear's tensor, so ONNX Runtime fuses as in the deployed graph
+    (a test checks that the head outputs stay the same)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(onnx.load_model_from_string(model) if isinstance(model, bytes) else model)
+    present = {o.name for o in copy.graph.output}
+    for node in copy.graph.node:
+        if node.op_type == "QuantizeLinear" and node.output[0] not in present:
+            copy.graph.output.append(onnx.helper.make_empty_tensor_value_info(node.output[0]))
+    return copy
+
+
 def engine_divergence(
     model: onnx.ModelProto | bytes, images: Sequence[torch.Tensor], threads: int | None = 1
 ) -> list[CodeDivergence]:
-    """Every QuantizeLinear's codes, ``ORT_ENABLE_ALL`` against ``ORT_DISABLE_ALL``, in graph order.
-
-    The codes are made graph outputs of a copy of the model (a fused node still produces its QuantizeLinear's
-    tensor, so the fusions stay as in the deployed graph; a test checks the head outputs are unchanged).
-    """
-    if isinstance(model, bytes):
-        model = onnx.load_model_from_string(model)
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    present = {o.name for o in copy.graph.output}
-    quantize = [n for n in copy.graph.node if n.op_type == "QuantizeLinear"]
-    for node in quantize:
-        if node.output[0] not in present:
-            copy.graph.output.append(onnx.helper.make_empty_tensor_value_info(node.output[0]))
-    data = copy.SerializeToString()
-    reference = make_session(data, optimize=False, threads=threads)
-    engine = make_session(data, optimize=True, threads=threads)
-    names = [o.name for o in reference.get_outputs()]
-    input_name = reference.get_inputs()[0].name
+    """Every QuantizeLinear's codes, ``ORT_ENABLE_ALL`` against ``ORT_DISABLE_ALL``, in graph order."""
+    probe = with_codes_as_outputs(model)
+    quantize = [n for n in probe.graph.node if n.op_type == "QuantizeLinear"]
     counts: dict[str, list[int]] = {n.output[0]: [0, 0, 0] for n in quantize}
-    for image in images:
-        feed = {input_name: image.numpy()}
-        for name, ref, eng in zip(names, reference.run(None, feed), engine.run(None, feed), strict=True):
-            if name in counts:
-                steps = np.abs(ref.astype(np.int64) - eng.astype(np.int64))
-                count = counts[name]
-                count[0] += int(np.count_nonzero(steps))
-                count[1] += steps.size
-                count[2] = max(count[2], int(steps.max()) if steps.size else 0)
+    for name, ref, eng in _paired_outputs(probe.SerializeToString(), images, threads):
+        if name in counts:
+            steps = np.abs(ref.astype(np.int64) - eng.astype(np.int64))
+            count = counts[name]
+            count[0] += int(np.count_nonzero(steps))
+            count[1] += steps.size
+            count[2] = max(count[2], int(steps.max()) if steps.size else 0)
     return [CodeDivergence(_quantizer_name(node), *counts[node.output[0]]) for node in quantize]
 
 
