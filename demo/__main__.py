@@ -23,7 +23,7 @@ from pathlib import Path  # noqa: E402
 
 from .plan import MODELS, MODES, ROOT, Mode, Variant, variants  # noqa: E402
 from .report import markdown_table, plot_ap_vs_bits, plot_loss_curves, write_table  # noqa: E402
-from .run import PhaseResult, build_cfg, run_variant  # noqa: E402
+from .run import PhaseResult, build_cfg, run_variant, setup_logging  # noqa: E402
 
 logger = logging.getLogger("demo")
 
@@ -112,15 +112,9 @@ def _unwritable(path: Path) -> str | None:
 def _setup_logging(output_dir: Path) -> None:
     """detectron2's full log goes to ``log.txt``; the console gets the demo's phase lines and
     detectron2's periodic training lines."""
-    from detectron2.utils.logger import setup_logger
-
-    log_file = output_dir / "log.txt"
-    for name in ("detectron2", "adet", "fvcore", "model_quantization", "d2", "demo"):
-        setup_logger(output=str(log_file), name=name, abbrev_name=name, configure_stdout=False)
-    console = logging.StreamHandler(sys.stdout)
-    console.setFormatter(logging.Formatter("[%(asctime)s %(name)s] %(message)s", "%H:%M:%S"))
-    for name in ("demo", "detectron2.utils.events"):
-        logging.getLogger(name).addHandler(console)
+    setup_logging(
+        output_dir / "log.txt", "[%(asctime)s %(name)s] %(message)s", ("demo", "detectron2.utils.events")
+    )
 
 
 def _clock(seconds: float) -> str:

@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +20,15 @@ from model_quantization.footprint import parameter_megabytes
 
 from .plan import ROOT, Mode, Variant
 
-__all__ = ["CACHE_VERSION", "PhaseResult", "build_cfg", "config_hash", "run_variant"]
+__all__ = [
+    "CACHE_VERSION",
+    "PhaseResult",
+    "RunFailed",
+    "build_cfg",
+    "config_hash",
+    "run_variant",
+    "setup_logging",
+]
 
 logger = logging.getLogger("demo")
 
@@ -276,6 +285,9 @@ def run_variant(
     With ``deploy``, the trained weights are also exported to ``model.onnx`` (integer ONNX) and that file
     is evaluated in ONNX Runtime (:func:`_deploy`). `teacher`: the run whose weights teach this one under
     distillation when they are not `parent`'s (``Variant.teacher``).
+
+    A row that is not cached is produced in a new process (:func:`_in_fresh_process`): its result does not
+    depend on what this process ran before. Raises :class:`RunFailed` when that process fails.
     """
     run_dir = output_root / "runs" / variant.key
     weights = str(output_root / "runs" / parent.key / "model_final.pth") if parent else None
@@ -301,6 +313,31 @@ def run_variant(
         result.cached = True
         return result
 
+    _in_fresh_process(
+        _produce, variant, mode, cfg, digest, run_dir, deploy, write_period, print_period, what=variant.key
+    )
+    result = PhaseResult(**json.loads((run_dir / "result.json").read_text()))
+    if cacheable:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        shutil.copytree(run_dir, cache_dir)
+    return result
+
+
+def _produce(
+    variant: Variant,
+    mode: Mode,
+    cfg,
+    digest: str,
+    run_dir: Path,
+    deploy: bool,
+    write_period: int,
+    print_period: int,
+) -> None:
+    """Train or calibrate `variant` under `cfg` into `run_dir`, evaluate it (and its ONNX export with
+    `deploy`), write ``result.json`` there. Runs in a process of its own (:func:`_in_fresh_process`)."""
+    if variant.adelaidet:
+        import adet.modeling  # noqa: F401  (registers AdelaiDet's meta-architectures)
+    trainer_class = _trainer_class(variant.adelaidet, write_period, print_period)
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(cfg.dump())
@@ -317,10 +354,78 @@ def run_variant(
     if deploy:
         _fill_onnx(result, _deploy(cfg, run_dir, trainer_class))
     (run_dir / "result.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
-    if cacheable:
-        shutil.rmtree(cache_dir, ignore_errors=True)
-        shutil.copytree(run_dir, cache_dir)
-    return result
+
+
+class RunFailed(RuntimeError):
+    """A row's process failed; its traceback went to stderr and the log."""
+
+
+def _in_fresh_process(function, *args, what: str) -> None:
+    """Call ``function(*args)`` in a new process that has run nothing yet and wait for it.
+
+    Why: a row must come out as if it ran alone, as ``train_net.py`` runs it, whatever the demo or the
+    study ran before it. In one process it does not: TorchScript's profiling executor runs a scripted
+    function (fvcore's ``sigmoid_focal_loss_jit``, RetinaNet's and FCOS's classification loss) unoptimized
+    on its first call and through an optimized graph from then on, process-wide, and that graph's autodiff
+    gradients differ in the last bits; a row trained after another one took other gradients from its first
+    step, and a 4-bit network turns that into another run (0.3-0.5 AP apart). Its executor has no reset
+    (flushing its compilation cache does not restart profiling), so each row gets a new process.
+
+    The process is forked from a server that has imported torch, detectron2, AdelaiDet and this package
+    but run nothing (no TorchScript call, no OpenMP thread yet, so forking it is safe): a row starts in
+    milliseconds instead of the ~3.5 s of a spawned interpreter's imports. Where there is no fork server
+    (Windows), it is spawned. Only the environment and the logging set up with :func:`setup_logging`
+    carry over.
+    """
+
+    process = _row_context().Process(target=_child, args=(function, _LOGGING, args), name=f"demo row {what}")
+    process.start()
+    try:
+        process.join()
+    finally:
+        if process.is_alive():  # interrupted: do not leave the row training on its own
+            process.terminate()
+            process.join()
+    if process.exitcode != 0:
+        raise RunFailed(f"{what}: its process exited with status {process.exitcode} (traceback above)")
+
+
+@functools.cache
+def _row_context():
+    import multiprocessing
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    # Imported by the server once; a module that fails to import (AdelaiDet not built) is skipped there.
+    context.set_forkserver_preload(["torch", "model_quantization.detectron2", "adet.modeling", __name__])
+    return context
+
+
+def _child(function, logging_setup: tuple | None, args: tuple) -> None:
+    if logging_setup is not None:
+        setup_logging(*logging_setup)
+    import model_quantization.detectron2  # noqa: F401  (registers the shapes splits and the build hook)
+
+    function(*args)
+
+
+#: How :func:`setup_logging` was last called in this process (a row's process repeats it).
+_LOGGING: tuple | None = None
+
+
+def setup_logging(log_file: Path, console_format: str, console_loggers: tuple[str, ...]) -> None:
+    """detectron2's, AdelaiDet's and our full log to `log_file`; `console_loggers` also to stdout."""
+    global _LOGGING
+    from detectron2.utils.logger import setup_logger
+
+    for name in ("detectron2", "adet", "fvcore", "model_quantization", "d2", "demo"):
+        setup_logger(output=str(log_file), name=name, abbrev_name=name, configure_stdout=False)
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(logging.Formatter(console_format, "%H:%M:%S"))
+    for name in console_loggers:
+        logging.getLogger(name).addHandler(console)
+    _LOGGING = (log_file, console_format, console_loggers)
 
 
 def _fill_onnx(result: PhaseResult, deployed: dict) -> None:

@@ -35,7 +35,7 @@ from pathlib import Path  # noqa: E402
 
 from .plan import MODELS, PROGRESSIVE, ROOT, Mode, Variant, variants  # noqa: E402
 from .report import lineage  # noqa: E402
-from .run import PhaseResult, run_variant  # noqa: E402
+from .run import PhaseResult, run_variant, setup_logging  # noqa: E402
 
 logger = logging.getLogger("demo")
 
@@ -338,13 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--rows: unknown ablation rows {unknown}; choose from {', '.join(ABLATIONS)}")
     root = (args.output_dir / args.dataset).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    from detectron2.utils.logger import setup_logger
-
-    for name in ("detectron2", "adet", "fvcore", "model_quantization", "demo"):
-        setup_logger(output=str(root / "log.txt"), name=name, abbrev_name=name, configure_stdout=False)
-    console = logging.StreamHandler(sys.stdout)
-    console.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
-    logger.addHandler(console)
+    setup_logging(root / "log.txt", "[%(asctime)s] %(message)s", ("demo",))
     import model_quantization.detectron2  # noqa: F401  (registers the shapes splits)
 
     start = time.perf_counter()
