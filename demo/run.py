@@ -375,7 +375,8 @@ def _in_fresh_process(function, *args, what: str) -> None:
     but run nothing (no TorchScript call, no OpenMP thread yet, so forking it is safe): a row starts in
     milliseconds instead of the ~3.5 s of a spawned interpreter's imports. Where there is no fork server
     (Windows), it is spawned. Only the environment and the logging set up with :func:`setup_logging`
-    carry over.
+    carry over. As with any multiprocessing start method but fork, the new process imports the calling
+    script's main module: a script that calls :func:`run_variant` needs ``if __name__ == "__main__":``.
     """
 
     process = _row_context().Process(target=_child, args=(function, _LOGGING, args), name=f"demo row {what}")
