@@ -368,7 +368,7 @@ def _in_fresh_process(function, *args, what: str) -> None:
     function (fvcore's ``sigmoid_focal_loss_jit``, RetinaNet's and FCOS's classification loss) unoptimized
     on its first call and through an optimized graph from then on, process-wide, and that graph's autodiff
     gradients differ in the last bits; a row trained after another one took other gradients from its first
-    step, and a 4-bit network turns that into another run (0.3-0.5 AP apart). Its executor has no reset
+    step, and a 4-bit network turns that into another run (up to 0.57 AP apart here). Its executor has no reset
     (flushing its compilation cache does not restart profiling), so each row gets a new process.
 
     The process is forked from a server that has imported torch, detectron2, AdelaiDet and this package
@@ -378,7 +378,6 @@ def _in_fresh_process(function, *args, what: str) -> None:
     carry over. As with any multiprocessing start method but fork, the new process imports the calling
     script's main module: a script that calls :func:`run_variant` needs ``if __name__ == "__main__":``.
     """
-
     process = _row_context().Process(target=_child, args=(function, _LOGGING, args), name=f"demo row {what}")
     process.start()
     try:

@@ -472,3 +472,15 @@ def test_a_row_does_not_depend_on_what_the_process_ran_before(patched_tree, tmp_
     )
     differ = [k for k in first if not torch.equal(first[k], second[k])]
     assert not differ, f"{len(differ)} of {len(first)} tensors differ, e.g. {differ[:3]}"
+
+
+def test_a_row_whose_process_fails_raises_run_failed_naming_the_row(patched_tree, capfd):
+    """A row's process that dies (here: an exception in it) is an error naming the row, with the
+    traceback on stderr, not a silent row without a result."""
+    import operator
+
+    from demo.run import RunFailed, _in_fresh_process
+
+    with pytest.raises(RunFailed, match=r"retinanet/lsq_w4a4: its process exited with status 1"):
+        _in_fresh_process(operator.truediv, 1, 0, what="retinanet/lsq_w4a4")
+    assert "ZeroDivisionError" in capfd.readouterr().err
