@@ -299,7 +299,6 @@ def run_variant(
     digest = config_hash(cfg, parent.config_hash if parent else "", extra)
     cache_dir = output_root / "cache" / f"{variant.key.replace('/', '-')}-{digest}"
     cached = cache_dir / "result.json"
-    trainer_class = _trainer_class(variant.adelaidet, write_period, print_period)
     cacheable = not variant.quantized or cache_quantized
     if cacheable and reuse and cached.is_file() and (cache_dir / "model_final.pth").is_file():
         if run_dir.resolve() != cache_dir.resolve():
@@ -308,6 +307,7 @@ def run_variant(
         result = PhaseResult(**json.loads(cached.read_text()))
         result.reference = variant.reference  # this plan's reference row (not stored before it existed)
         if deploy and result.onnx_AP is None and result.onnx_error is None:  # cached before the column
+            trainer_class = _trainer_class(variant.adelaidet, write_period, print_period)
             _fill_onnx(result, _deploy(cfg, run_dir, trainer_class))
             (cache_dir / "result.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
         result.cached = True

@@ -458,7 +458,7 @@ def test_a_row_does_not_depend_on_what_the_process_ran_before(patched_tree, tmp_
     RetinaNet's and FCOS's classification loss) unoptimized on its first call and through an optimized
     graph, whose autodiff gradients differ in the last bits, from then on, process-wide; so a row trained
     after another one took other gradients from its first step (the demo with cached floats and the study
-    printed fine-tunes 0.3-0.5 AP apart). The same row twice in one process now gives the same weights."""
+    printed the same rows up to 0.57 AP apart). The same row twice in one process now gives the same weights."""
     import torch
 
     proc = subprocess.run(
